@@ -1,0 +1,311 @@
+"""Block-wise INT4 / INT8 / FP8 weight quantization: the one definition of each format.
+
+A linear weight ``W`` float32 ``[N=out, K=in]`` (Hugging Face layout, ``y = x @ W.T``) is cut
+into blocks of ``block_size`` consecutive elements along K; the last block of a row is padded
+with zeros when K is not a multiple of the block size (the padding never changes a scale, a
+zero point or a stored code of a real element).
+
+Integer formats follow onnxruntime's own quantizer (``quantize_matmul_{4,8}bits``, MLAS
+``BlockwiseQuantizer``) so that our codes equal what ORT would produce, bit for bit:
+
+* codes are unsigned, ``0 .. 2**bits - 1``; dequantized value ``(q - zp) * scale`` (float32);
+* symmetric: ``zp = 2**(bits-1)`` (MatMulNBits' default) and ``scale = -m / 2**(bits-1)``
+  where ``m`` is the block's value of largest magnitude (the negative one on a tie), so ``m``
+  maps exactly to code 0 and the scale may be negative;
+* asymmetric: ``lo = min(min, 0)``, ``hi = max(max, 0)``, ``scale = (hi - lo) / (2**bits - 1)``,
+  ``zp = clamp(roundf(-lo / scale))``;
+* ``q = clamp(roundf(w * (1 / scale) + zp))`` in float32, ``roundf`` = half away from zero;
+  a zero scale (all-zero block) uses reciprocal 0, so no NaN ever appears.
+
+FP8 is E4M3 (``ml_dtypes.float8_e4m3fn``, max 448) with one float32 scale per block,
+``scale = amax / 448``, ``q = fp8(w / scale)`` (round to nearest even), ``w ~ float(q) * scale``;
+an all-zero block has scale 0 and codes 0.
+
+:func:`quantize_reference` is written to be obviously correct (one block at a time);
+:func:`quantize` is the vectorized path used in practice; tests hold them bit-exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import QuantizationError
+from .recipe import BLOCK_SIZES, WeightFormat
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _fp8_dtype() -> np.dtype:
+    import ml_dtypes  # export-time dependency only
+
+    return np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def format_bits(fmt: WeightFormat) -> int:
+    """Bits of one stored code of a block format (4 or 8)."""
+    fmt = WeightFormat.parse(fmt)
+    if fmt is WeightFormat.INT4:
+        return 4
+    if fmt in (WeightFormat.INT8, WeightFormat.FP8):
+        return 8
+    raise QuantizationError(f"format {fmt.value!r} is not block-quantized")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A block-quantized 2-D weight.
+
+    format:      INT4 | INT8 | FP8
+    q:           INT4/INT8: uint8 codes [N, n_blocks, block_size] (one code per byte, unpacked);
+                 FP8: float8_e4m3fn [N, n_blocks, block_size]. Padding of a ragged last block
+                 holds the code of 0.0.
+    scales:      float32 [N, n_blocks]
+    zero_points: uint8 [N, n_blocks] for asymmetric INT formats, else None (symmetric INT
+                 uses 2**(bits-1); FP8 has none)
+    shape:       (N, K) of the original weight
+    input_scale: float32 [K] or None (outlier "scale"): the graph feeds ``x * input_scale`` to
+                 this weight; ``q`` encodes ``W / input_scale`` (powers of two, exact)
+    input_perm:  int64 [K] or None (outlier "reorder"): the graph feeds ``x[..., input_perm]``
+                 and ``q`` encodes ``W[:, input_perm]``
+    """
+
+    format: WeightFormat
+    block_size: int
+    symmetric: bool
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    shape: tuple[int, int]
+    input_scale: np.ndarray | None = None
+    input_perm: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        fmt = WeightFormat.parse(self.format)
+        object.__setattr__(self, "format", fmt)
+        n, k = self.shape
+        nb = -(-k // self.block_size)
+        if self.q.shape != (n, nb, self.block_size):
+            raise QuantizationError(
+                f"QuantizedTensor.q: shape {self.q.shape}, expected {(n, nb, self.block_size)}")
+        if self.scales.shape != (n, nb) or self.scales.dtype != np.float32:
+            raise QuantizationError(
+                f"QuantizedTensor.scales: {self.scales.dtype} {self.scales.shape}, "
+                f"expected float32 {(n, nb)}")
+        want_q = _fp8_dtype() if fmt is WeightFormat.FP8 else np.dtype(np.uint8)
+        if self.q.dtype != want_q:
+            raise QuantizationError(f"QuantizedTensor.q: dtype {self.q.dtype}, expected {want_q}")
+        for field in ("input_scale", "input_perm"):
+            v = getattr(self, field)
+            if v is not None and v.shape != (k,):
+                raise QuantizationError(f"QuantizedTensor.{field}: shape {v.shape}, expected ({k},)")
+        want_zp = fmt is not WeightFormat.FP8 and not self.symmetric
+        if want_zp != (self.zero_points is not None):
+            raise QuantizationError(
+                f"QuantizedTensor.zero_points: {'required' if want_zp else 'not allowed'} for "
+                f"{fmt.value} {'symmetric' if self.symmetric else 'asymmetric'}")
+
+    @property
+    def bits(self) -> int:
+        return format_bits(self.format)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.q.shape[1]
+
+    def zero_point_array(self) -> np.ndarray:
+        """uint8 [N, n_blocks] zero points, the implied ones included (INT formats only)."""
+        if self.zero_points is not None:
+            return self.zero_points
+        return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]: the weight as the graph sees it (in the outlier-transformed domain).
+
+        ``x' @ dequantize().T`` is what the encoded node computes, where ``x'`` is
+        :meth:`transform_input` of ``x``.
+        """
+        n, k = self.shape
+        if self.format is WeightFormat.FP8:
+            w = self.q.astype(np.float32) * self.scales[:, :, None]
+        else:
+            zp = self.zero_point_array().astype(np.int32)[:, :, None]
+            w = (self.q.astype(np.int32) - zp).astype(np.float32) * self.scales[:, :, None]
+        return np.ascontiguousarray(w.reshape(n, -1)[:, :k])
+
+    def transform_input(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [..., K] -> the activation the quantized weight is multiplied with."""
+        if self.input_perm is not None:
+            x = x[..., self.input_perm]
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        return x
+
+    def effective_weight(self) -> np.ndarray:
+        """float32 [N, K] ``E`` with ``x @ E.T == transform_input(x) @ dequantize().T``
+        (up to float rounding): the quantized weight in the original input order/scale."""
+        w = self.dequantize()
+        if self.input_scale is not None:
+            w = w * self.input_scale
+        if self.input_perm is not None:
+            inv = np.empty_like(self.input_perm)
+            inv[self.input_perm] = np.arange(self.input_perm.size)
+            w = w[:, inv]
+        return w
+
+
+# -- shared scalar rules ---------------------------------------------------------------------
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C ``roundf`` (half away from zero) of float32 values; ``x - trunc(x)`` is exact."""
+    x = np.asarray(x, dtype=np.float32)
+    r = np.trunc(x)
+    return r + np.where(np.abs(x - r) >= 0.5, np.sign(x), np.float32(0))
+
+
+def _check(w: np.ndarray, fmt: WeightFormat, block_size: int) -> np.ndarray:
+    if WeightFormat.parse(fmt) not in (WeightFormat.INT4, WeightFormat.INT8, WeightFormat.FP8):
+        raise QuantizationError(f"format {WeightFormat.parse(fmt).value!r} is not block-quantized")
+    if block_size not in BLOCK_SIZES:
+        raise QuantizationError(f"block_size: {block_size} is not one of {BLOCK_SIZES}")
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise QuantizationError(
+            f"weight: expected a non-empty 2-D [N, K] array, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise QuantizationError("weight: contains NaN or Inf, cannot quantize")
+    return w.astype(np.float32, copy=False)
+
+
+# -- reference: one block at a time ----------------------------------------------------------
+
+def _int_block_reference(v: np.ndarray, bits: int,
+                         symmetric: bool) -> tuple[np.ndarray, float, int]:
+    """v float32 [<=block_size] -> (codes uint8 [len(v)], scale float32, zero point)."""
+    qmax = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    mn, mx = np.float32(v.min()), np.float32(v.max())
+    if symmetric:
+        m = mx if abs(mx) > abs(mn) else mn
+        scale = np.float32(-m) / np.float32(mid)
+        zp = mid
+    else:
+        lo, hi = min(mn, np.float32(0)), max(mx, np.float32(0))
+        scale = (hi - lo) / np.float32(qmax)
+        zp_f = np.float32(0) - lo / scale if scale != 0 else lo
+        zp = int(min(max(_roundf(zp_f), 0), qmax))
+    recip = np.float32(1) / scale if scale != 0 else np.float32(0)
+    t = v * recip + np.float32(zp)  # float32 multiply, then float32 add
+    return np.clip(_roundf(t), 0, qmax).astype(np.uint8), np.float32(scale), zp
+
+
+def quantize_reference(w: np.ndarray, fmt: WeightFormat, block_size: int,
+                       symmetric: bool = True) -> QuantizedTensor:
+    """Plain per-block loop; the definition the fast path is tested against. w: [N, K]."""
+    fmt = WeightFormat.parse(fmt)
+    w = _check(w, fmt, block_size)
+    n, k = w.shape
+    nb = -(-k // block_size)
+    fp8 = fmt is WeightFormat.FP8
+    q = np.zeros((n, nb, block_size), dtype=_fp8_dtype() if fp8 else np.uint8)
+    scales = np.zeros((n, nb), dtype=np.float32)
+    zps = np.zeros((n, nb), dtype=np.uint8)
+    for r in range(n):
+        for b in range(nb):
+            v = w[r, b * block_size:(b + 1) * block_size]
+            if fp8:
+                scale = np.float32(np.abs(v).max()) / np.float32(FP8_MAX)
+                scaled = v / scale if scale != 0 else np.zeros_like(v)
+                q[r, b, :v.size] = np.clip(scaled, -FP8_MAX, FP8_MAX).astype(q.dtype)
+            else:
+                codes, scale, zp = _int_block_reference(v, format_bits(fmt), symmetric)
+                q[r, b, :] = zp  # padding holds the code of 0.0
+                q[r, b, :v.size] = codes
+                zps[r, b] = zp
+            scales[r, b] = scale
+    sym = True if fp8 else symmetric
+    return QuantizedTensor(fmt, block_size, sym, q, scales, None if sym else zps, (n, k))
+
+
+# -- fast path: all blocks at once -----------------------------------------------------------
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """[N, K] -> [N, n_blocks, block_size] with the ragged tail zero-padded."""
+    n, k = w.shape
+    nb = -(-k // block_size)
+    if nb * block_size != k:
+        w = np.pad(w, ((0, 0), (0, nb * block_size - k)))
+    return w.reshape(n, nb, block_size)
+
+
+_CHUNK = 1 << 22  # elements quantized at once (bounds temporary memory for big tables)
+
+
+def quantize(w: np.ndarray, fmt: WeightFormat, block_size: int,
+             symmetric: bool = True) -> QuantizedTensor:
+    """Vectorized block quantization of w float32 [N, K]; bit-exact with quantize_reference."""
+    fmt = WeightFormat.parse(fmt)
+    w = _check(w, fmt, block_size)
+    n, k = w.shape
+    rows = max(1, _CHUNK // k)
+    if n <= rows:
+        q, scales, zp = _quantize_rows(w, fmt, block_size, symmetric)
+    else:
+        parts = [_quantize_rows(w[i:i + rows], fmt, block_size, symmetric)
+                 for i in range(0, n, rows)]
+        q, scales = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
+        zp = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+    sym = symmetric or fmt is WeightFormat.FP8
+    return QuantizedTensor(fmt, block_size, sym, q, scales, zp, (n, k))
+
+
+def _quantize_rows(w: np.ndarray, fmt: WeightFormat, block_size: int, symmetric: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """w float32 [n, K] -> (q [n, n_blocks, block], scales [n, n_blocks], zero points | None)."""
+    blk = _blocks(w, block_size)  # zero padding: changes no min(., 0) / max(., 0) / amax
+    f32 = np.float32
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if fmt is WeightFormat.FP8:
+            scales = (np.abs(blk).max(axis=2) / f32(FP8_MAX)).astype(f32)
+            scaled = np.where(scales[:, :, None] != 0, blk / scales[:, :, None], f32(0))
+            q = np.clip(scaled, -FP8_MAX, FP8_MAX).astype(_fp8_dtype())
+            return q, scales, None
+        bits = format_bits(fmt)
+        qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+        mn, mx = blk.min(axis=2), blk.max(axis=2)
+        if symmetric:
+            m = np.where(np.abs(mx) > np.abs(mn), mx, mn)
+            scales = (-m / f32(mid)).astype(f32)
+            zp = np.full(scales.shape, mid, dtype=np.uint8)
+        else:
+            lo, hi = np.minimum(mn, f32(0)), np.maximum(mx, f32(0))
+            scales = ((hi - lo) / f32(qmax)).astype(f32)
+            zp_f = np.where(scales != 0, f32(0) - lo / scales, lo).astype(f32)
+            zp = np.clip(_roundf(zp_f), 0, qmax).astype(np.uint8)
+        recip = np.where(scales != 0, f32(1) / scales, f32(0)).astype(f32)
+    t = blk * recip[:, :, None] + zp.astype(f32)[:, :, None]
+    q = np.clip(_roundf(t), 0, qmax).astype(np.uint8)
+    return q, scales, None if symmetric else zp
+
+
+# -- byte layout -----------------------------------------------------------------------------
+
+def pack_codes(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
+    """uint8 codes [..., L] -> packed uint8 [..., ceil(L*bits/8)]: 4-bit codes two per byte,
+    element 2i in the low nibble (MatMulNBits / GatherBlockQuantized layout). An odd L is
+    padded with ``pad`` (ORT pads packed 4-bit zero points with 8)."""
+    if bits == 8:
+        return np.ascontiguousarray(q, dtype=np.uint8)
+    if bits != 4:
+        raise QuantizationError(f"bits: {bits} is not 4 or 8")
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.full(q.shape[:-1] + (1,), pad, np.uint8)], axis=-1)
+    return (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: packed uint8 [..., B] -> codes uint8 [..., length]."""
+    if bits == 8:
+        return packed[..., :length].astype(np.uint8)
+    out = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+    return out[..., :length].astype(np.uint8)
