@@ -1,0 +1,192 @@
+"""Pair export: target + draft checkpoints -> one bundle (DESIGN.md section 2).
+
+The pipeline only orchestrates: checkpoint readers produce a :class:`Checkpoint` in canonical
+form, the ONNX builder and GGUF writer consume it, and the bundle module writes the manifest.
+Everything is built in a staging directory that is renamed into place at the end, so an
+interrupted or failed export never leaves a directory that looks like a bundle.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..bundle import Manifest, ModelEntry, file_entries, staging_dir, write_manifest, atomic_write_text
+from ..errors import ConfigError, EdgeInferError
+from ..models import DEFAULT_MODEL, default_model_path
+from ..quant.recipe import QuantRecipe, WeightFormat
+from ..spec import ModelSpec
+from .checkpoint import Checkpoint, load_checkpoint
+from .tokenizer_check import check_same_tokenizer
+
+FORMATS = ("onnx", "gguf")
+# progress(stage, done, total): stage is a short human label ("target: onnx")
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class DraftFromTarget:
+    """A draft derived from the target: its first ``num_layers`` layers (all if None),
+    quantized with ``recipe``."""
+
+    recipe: QuantRecipe = QuantRecipe(WeightFormat.INT4)
+    num_layers: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, block_size: int = 32) -> "DraftFromTarget":
+        """Parse ``"int4"``, ``"layers=8"`` or ``"layers=8,quant=int8,block=64"``."""
+        fmt, layers, block = "int4", None, block_size
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                key, value = "quant", key
+            try:
+                if key == "quant":
+                    fmt = WeightFormat.parse(value, "--draft-from-target quant").value
+                elif key == "layers":
+                    layers = int(value)
+                elif key == "block":
+                    block = int(value)
+                else:
+                    raise ConfigError(
+                        f"--draft-from-target: unknown key {key!r} in {text!r}, expected quant=, layers=, block=")
+            except ValueError as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"--draft-from-target: {key}={value!r} is not an integer") from None
+        if layers is not None and layers <= 0:
+            raise ConfigError(f"--draft-from-target: layers must be positive, got {layers}")
+        return cls(recipe=QuantRecipe(fmt, block_size=block), num_layers=layers)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out: Path
+    target: Path | None = None  # None: the default model from the cache
+    draft: Path | None = None  # another checkpoint sharing the tokenizer
+    draft_from_target: DraftFromTarget | None = None
+    target_recipe: QuantRecipe = QuantRecipe()
+    draft_recipe: QuantRecipe = QuantRecipe(WeightFormat.INT4)  # for a separate draft checkpoint
+    formats: tuple[str, ...] = ("onnx",)
+    shards: bool = False  # also write per-layer shards of the target (for offloading)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ConfigError(f"formats: {bad or 'empty'} not allowed, expected a subset of {FORMATS}")
+        if self.draft is not None and self.draft_from_target is not None:
+            raise ConfigError("give either a draft checkpoint or --draft-from-target, not both")
+
+
+@dataclass
+class ModelReport:
+    role: str
+    spec: ModelSpec
+    recipe: QuantRecipe
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    models: dict[str, ModelReport]
+    seconds: float
+
+
+def default_pair_config(out: Path, overwrite: bool = False) -> ExportConfig:
+    """The default bundle: SmolLM2-135M-Instruct dequantized to fp32 as the target, with a
+    derived int4 draft (see docs/ARCHITECTURE.md for why this draft)."""
+    return ExportConfig(out=out, target=default_model_path(DEFAULT_MODEL),
+                        draft_from_target=DraftFromTarget(QuantRecipe(WeightFormat.INT4, block_size=32)),
+                        target_recipe=QuantRecipe(WeightFormat.FP32), overwrite=overwrite)
+
+
+def export_bundle(config: ExportConfig, progress: ProgressFn | None = None) -> ExportReport:
+    t0 = time.perf_counter()
+    target = load_checkpoint(config.target or default_model_path(DEFAULT_MODEL))
+    plans: list[tuple[str, Checkpoint, ModelSpec, QuantRecipe]] = [
+        ("target", target, target.spec, config.target_recipe)]
+    if config.draft is not None:
+        draft = load_checkpoint(config.draft)
+        check_same_tokenizer(target.tokenizer.tokenizer_json, draft.tokenizer.tokenizer_json,
+                             f"target {target.path.name}", f"draft {draft.path.name}")
+        if draft.spec.vocab_size != target.spec.vocab_size:
+            raise EdgeInferError(
+                f"draft {draft.path}: vocab_size {draft.spec.vocab_size} differs from the target's "
+                f"{target.spec.vocab_size}")
+        plans.append(("draft", draft, draft.spec, config.draft_recipe))
+    elif config.draft_from_target is not None:
+        d = config.draft_from_target
+        spec = target.spec if d.num_layers is None else target.spec.truncated(d.num_layers)
+        plans.append(("draft", target, spec, d.recipe))
+
+    reports: dict[str, ModelReport] = {}
+    entries: dict[str, ModelEntry] = {}
+    with staging_dir(config.out, overwrite=config.overwrite) as stage:
+        for role, ckpt, spec, recipe in plans:
+            r0 = time.perf_counter()
+            entries[role] = _write_model(stage, role, ckpt, spec, recipe, config, progress)
+            reports[role] = ModelReport(role, spec, recipe, seconds=time.perf_counter() - r0)
+        tok = target.tokenizer
+        atomic_write_text(stage / "tokenizer.json", tok.tokenizer_json)
+        if tok.chat_template:
+            atomic_write_text(stage / "chat_template.jinja", tok.chat_template)
+        files = file_entries(stage)
+        manifest = Manifest(
+            models=entries, chat_template_file="chat_template.jinja" if tok.chat_template else None,
+            bos_token_id=tok.bos_token_id, eos_token_ids=tuple(tok.eos_token_ids),
+            pad_token_id=tok.pad_token_id, add_bos_token=tok.add_bos_token,
+            generation=dict(tok.generation_defaults), files=files,
+            created_by=f"edgeinfer {__version__}")
+        write_manifest(stage, manifest)
+        for f in files:
+            role = f.path.split("/", 1)[0]
+            if role in reports:
+                reports[role].files[f.path] = f.bytes
+    return ExportReport(out=config.out, models=reports, seconds=time.perf_counter() - t0)
+
+
+def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, recipe: QuantRecipe,
+                 config: ExportConfig, progress: ProgressFn | None) -> ModelEntry:
+    # Imported here: the builders pull in onnx / gguf, which the runtime does not need.
+    from .onnx_builder import build_model_onnx
+
+    (stage / role).mkdir()
+    get = ckpt.weights.get
+
+    def stage_progress(label: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(f"{role}: {label}", done, total)
+
+    onnx_rel = f"{role}/model.onnx"
+    info = build_model_onnx(spec, get, recipe, stage / onnx_rel, progress=stage_progress("onnx"))
+    shards = None
+    if config.shards and role == "target":
+        from .onnx_builder import build_layer_shards
+
+        shard_info = build_layer_shards(spec, get, recipe, stage / role / "layers",
+                                        progress=stage_progress("shards"))
+        shards = shard_info.to_manifest(relative_to=stage)
+    gguf_rel = None
+    if "gguf" in config.formats:
+        from .gguf_writer import write_gguf
+
+        gguf_rel = f"{role}/model.gguf"
+        write_gguf(spec, get, ckpt.tokenizer, recipe, stage / gguf_rel, progress=stage_progress("gguf"))
+    return ModelEntry(
+        spec=spec, quant=recipe.to_dict(), onnx=onnx_rel, gguf=gguf_rel, shards=shards,
+        source={"name": ckpt.path.name, "format": ckpt.kind},
+        graph_inputs=tuple(getattr(info, "inputs", ())))
+
+
+def export_model(checkpoint: Path, recipe: QuantRecipe, out: Path, formats: tuple[str, ...] = ("onnx",),
+                 overwrite: bool = False, progress: ProgressFn | None = None) -> ExportReport:
+    """Quantize one model into a target-only bundle (``edgeinfer quantize``)."""
+    return export_bundle(ExportConfig(out=out, target=checkpoint, target_recipe=recipe,
+                                      formats=formats, overwrite=overwrite), progress)

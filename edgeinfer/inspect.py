@@ -1,0 +1,114 @@
+"""`edgeinfer inspect`: what a bundle, GGUF file or Hugging Face folder contains."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    format: str  # e.g. "F32", "Q4_1", "int4 (MatMulNBits)", "float32"
+    shape: tuple[int, ...]
+    bytes: int
+
+
+@dataclass
+class ModelInfo:
+    role: str  # "target" | "draft" | "model"
+    arch: str
+    num_parameters: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    quant: str
+    files: dict[str, int] = field(default_factory=dict)  # path -> bytes on disk
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(self.files.values())
+
+
+@dataclass
+class InspectReport:
+    path: Path
+    kind: str  # "bundle" | "gguf" | "hf"
+    models: list[ModelInfo]
+
+
+def inspect_path(path: str | Path, tensors: bool = True) -> InspectReport:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return _inspect_bundle(path, tensors)
+    from .export.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    spec = ckpt.spec
+    info = ModelInfo("model", spec.arch, spec.num_parameters(), spec.num_layers, spec.hidden_size,
+                     spec.vocab_size, quant="source")
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    info.files = {p.name: p.stat().st_size for p in files}
+    if tensors:
+        import numpy as np  # noqa: F401  (weights are only described, not loaded)
+
+        for name in ckpt.weights.names():
+            info.tensors.append(TensorInfo(name, ckpt.weights.source_type(name),
+                                           tuple(ckpt.weights.shape(name)) if hasattr(ckpt.weights, "shape") else (),
+                                           int(ckpt.weights.nbytes_on_disk(name))))
+    return InspectReport(path, ckpt.kind, [info])
+
+
+def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
+    from .bundle import load_manifest
+
+    manifest = load_manifest(path, verify=False)
+    models = []
+    for role, entry in manifest.models.items():
+        spec = entry.spec
+        q = entry.quant
+        quant = q.get("format", "?") + (f"/b{q.get('block_size')}" if q.get("format") in ("int4", "int8", "fp8") else "")
+        info = ModelInfo(role, spec.arch, spec.num_parameters(), spec.num_layers, spec.hidden_size,
+                         spec.vocab_size, quant=quant)
+        info.files = {f.path: f.bytes for f in manifest.files if f.path.startswith(role + "/")}
+        if tensors and entry.onnx:
+            info.tensors = _onnx_initializers(path / entry.onnx)
+        models.append(info)
+    return InspectReport(path, "bundle", models)
+
+
+def _onnx_initializers(onnx_path: Path) -> list[TensorInfo]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    out = []
+    for init in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        n = 1
+        for d in init.dims:
+            n *= d
+        size = n * dtype.itemsize
+        for kv in init.external_data:
+            if kv.key == "length":
+                size = int(kv.value)
+        out.append(TensorInfo(init.name, onnx.TensorProto.DataType.Name(init.data_type).lower(),
+                              tuple(init.dims), size))
+    return out
+
+
+def report_to_json(report: InspectReport) -> str:
+    return json.dumps({
+        "path": str(report.path), "kind": report.kind,
+        "models": [{
+            "role": m.role, "arch": m.arch, "num_parameters": m.num_parameters,
+            "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+            "quant": m.quant, "bytes_on_disk": m.bytes_on_disk, "files": m.files,
+            "tensors": [{"name": t.name, "format": t.format, "shape": list(t.shape), "bytes": t.bytes}
+                        for t in m.tensors],
+        } for m in report.models],
+    }, indent=2)
