@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=func)
-        sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
         return sp
 
     def quant_args(sp: argparse.ArgumentParser) -> None:
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EdgeInferError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"edgeinfer: error: {e}", file=sys.stderr)
         return EXIT_ERROR
