@@ -1,0 +1,184 @@
+"""Configuration of a generation call and of an engine: frozen dataclasses validated on
+construction. A bad value raises :class:`~edgeinfer.errors.ConfigError` naming the field and
+what was expected; the CLI builds these objects and calls the Python API with them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import ConfigError
+
+Mode = Literal["auto", "plain", "chain", "tree"]
+MODES = ("auto", "plain", "chain", "tree")
+GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _int(owner: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{owner}.{name} must be {want}, got {value!r}")
+
+
+def _float(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
+           hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{owner}.{name} must be a number in {interval}, got {value!r}")
+
+
+def _str_tuple(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{owner}.{name} must be a list of strings, got {value!r}") from None
+    for v in out:
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{owner}.{name} must contain non-empty strings, got {v!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class TreeBudget:
+    """How big a draft tree may grow before it is verified (LLMCad token tree)."""
+
+    max_nodes: int = 8  # hard cap on tree size (nodes, root excluded)
+    max_depth: int = 6  # longest root-to-leaf path
+    branch_threshold: float = 0.3  # a candidate with draft probability above this opens a branch
+    min_confidence: float = 0.0  # stop extending once every branch's confidence C_i is below this
+
+    def __post_init__(self) -> None:
+        _int("TreeBudget", "max_nodes", self.max_nodes, 1)
+        _int("TreeBudget", "max_depth", self.max_depth, 1)
+        _float("TreeBudget", "branch_threshold", self.branch_threshold, 0.0, 1.0)
+        _float("TreeBudget", "min_confidence", self.min_confidence, 0.0, 1.0)
+
+    def capped(self, max_nodes: int) -> "TreeBudget":
+        """This budget with at most ``max_nodes`` nodes (and depth), e.g. near the context end."""
+        n = max(1, min(self.max_nodes, max_nodes))
+        return dataclasses.replace(self, max_nodes=n, max_depth=min(self.max_depth, n))
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """LLMCad self-adjusting fallback: verify once the tree confidence drops below alpha."""
+
+    enabled: bool = True
+    alpha_init: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"FallbackConfig.enabled must be true or false, got {self.enabled!r}")
+        _float("FallbackConfig", "alpha_init", self.alpha_init, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Options of one generate/stream call. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    seed: int | None = None
+    mode: Mode = "auto"  # auto: tree when a drafter is available, else plain
+    drafters: tuple[str, ...] = ()  # drafter names; empty: the engine's default
+    tree: TreeBudget = field(default_factory=TreeBudget)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    lossy_rollback: bool = False  # BiLD-style rollback; changes the output, off by default
+    rollback_threshold: float = 2.0  # cross-entropy above which lossy rollback fires
+    ignore_eos: bool = False  # keep generating after EOS (benchmarks)
+
+    def __post_init__(self) -> None:
+        o = "GenerationConfig"
+        _int(o, "max_new_tokens", self.max_new_tokens, 1)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"{o}.temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        _int(o, "top_k", self.top_k, 0)
+        _float(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        object.__setattr__(self, "stop", _str_tuple(o, "stop", self.stop))
+        _int(o, "seed", self.seed, 0, allow_none=True)
+        if self.mode not in MODES:
+            raise ConfigError(f"{o}.mode must be one of {MODES}, got {self.mode!r}")
+        object.__setattr__(self, "drafters", _str_tuple(o, "drafters", self.drafters))
+        if not isinstance(self.tree, TreeBudget):
+            raise ConfigError(f"{o}.tree must be a TreeBudget, got {type(self.tree).__name__}")
+        if not isinstance(self.fallback, FallbackConfig):
+            raise ConfigError(f"{o}.fallback must be a FallbackConfig, got {type(self.fallback).__name__}")
+        for name in ("lossy_rollback", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{o}.{name} must be true or false, got {getattr(self, name)!r}")
+        _float(o, "rollback_threshold", self.rollback_threshold, 0.0, math.inf, lo_open=True, hi_open=True)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        """A copy with ``changes`` applied (validated again); None values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs its models: providers per model, threads, context size."""
+
+    providers: tuple[Any, ...] = ("cpu",)  # target: names/aliases in order of preference
+    draft_providers: tuple[Any, ...] | None = None  # None: same as the target's
+    threads: int = 0  # intra-op threads per session, 0: onnxruntime's default
+    draft_threads: int | None = None  # None: same as threads
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    max_context: int | None = None  # None: min(model max_position, 4096)
+    kv_block: int = 64  # KV capacity grows in blocks of this many tokens (see kvcache.py)
+    verify_checksums: bool = True  # check every bundle file's SHA-256 on load
+    pipeline: bool = False  # compute-IO overlap: the draft model drafts on while the target verifies
+    pipeline_max_ahead: int = 8  # draft steps beyond the tree per verification (pipeline only)
+
+    def __post_init__(self) -> None:
+        o = "EngineOptions"
+        object.__setattr__(self, "providers", _providers(o, "providers", self.providers))
+        if self.draft_providers is not None:
+            object.__setattr__(self, "draft_providers",
+                               _providers(o, "draft_providers", self.draft_providers))
+        _int(o, "threads", self.threads, 0)
+        _int(o, "draft_threads", self.draft_threads, 0, allow_none=True)
+        _int(o, "inter_op_threads", self.inter_op_threads, 0)
+        if self.graph_optimization not in GRAPH_OPT_LEVELS:
+            raise ConfigError(
+                f"{o}.graph_optimization must be one of {GRAPH_OPT_LEVELS}, got {self.graph_optimization!r}")
+        _int(o, "max_context", self.max_context, 2, allow_none=True)
+        _int(o, "kv_block", self.kv_block, 1)
+        for name in ("verify_checksums", "pipeline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{o}.{name} must be true or false, got {getattr(self, name)!r}")
+        _int(o, "pipeline_max_ahead", self.pipeline_max_ahead, 1)
+
+
+def _providers(owner: str, name: str, value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (str, tuple)) and (isinstance(value, str) or
+                                            (len(value) == 2 and isinstance(value[1], dict))):
+        value = [value]
+    out = []
+    for p in value:
+        if isinstance(p, list):
+            p = tuple(p)
+        ok = isinstance(p, str) and p or (isinstance(p, tuple) and len(p) == 2
+                                          and isinstance(p[0], str) and isinstance(p[1], dict))
+        if not ok:
+            raise ConfigError(f"{owner}.{name}: expected provider names (or (name, options) pairs), got {p!r}")
+        out.append(p)
+    if not out:
+        raise ConfigError(f"{owner}.{name} must name at least one execution provider")
+    return tuple(out)

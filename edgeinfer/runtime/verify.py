@@ -1,0 +1,147 @@
+"""Verification of a draft tree against the target's logits from one tree pass.
+
+Row convention everywhere here: ``logits`` float32 [n + 1, vocab]; row 0 is the target's
+prediction after the root (the last committed token), row ``i + 1`` after tree node ``i``.
+
+Greedy: walk from the root, at each node follow the child whose token equals the target's
+argmax there; the longest such path is accepted and the target's argmax after its last node is
+the bonus token. Sampling: the lossless multi-branch rule of :mod:`edgeinfer.runtime.sampling`
+(owned by the drafters side), fed target probabilities computed only for the rows it visits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .tree import TokenTree
+
+DEFAULT_TOPK = 8
+
+
+@dataclass
+class VerifyResult:
+    tree: TokenTree
+    accepted_nodes: list[int]  # tree node indices of the accepted root-to-node path
+    accepted_tokens: list[int]  # their tokens
+    bonus_token: int  # the target's token after the accepted path
+    root_token: int  # the last committed token (the tree's virtual root)
+    logits: np.ndarray = field(repr=False)  # float32 [n + 1, vocab], row 0 = root
+    _topk: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def accepted(self) -> list[int]:  # synonym used in docs/TEAM_NOTES.md
+        return self.accepted_nodes
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted_nodes)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens this verification emits: the accepted ones, then the bonus token."""
+        return self.accepted_tokens + [self.bonus_token]
+
+    def topk(self, k: int = DEFAULT_TOPK) -> np.ndarray:
+        """Target top-k token ids int64 [n + 1, k], best first; row 0 is after the root
+        (``root_token``), row i + 1 after node i. Computed on first use (token recycling)."""
+        if k not in self._topk:
+            x = self.logits
+            k_eff = min(k, x.shape[1])
+            part = np.argpartition(-x, k_eff - 1, axis=1)[:, :k_eff]
+            order = np.argsort(-np.take_along_axis(x, part, axis=1), axis=1, kind="stable")
+            self._topk[k] = np.take_along_axis(part, order, axis=1).astype(np.int64)
+        return self._topk[k]
+
+    @property
+    def topk_ids(self) -> np.ndarray:
+        """``topk(DEFAULT_TOPK)``: [n + 1, k] with the root's row first (see ``root_token``)."""
+        return self.topk(DEFAULT_TOPK)
+
+
+def _children(tree: TokenTree) -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents):
+        kids.setdefault(p, []).append(i)
+    return kids
+
+
+def verify_greedy(tree: TokenTree, logits: np.ndarray, root_token: int) -> VerifyResult:
+    """Longest path whose tokens equal the target's argmax, plus the bonus token."""
+    n = len(tree)
+    if logits.ndim != 2 or logits.shape[0] != n + 1:
+        raise ValueError(f"verify_greedy: logits of shape {logits.shape}, expected [{n + 1}, vocab]")
+    kids = _children(tree)
+    accepted: list[int] = []
+    node = -1
+    while True:
+        want = int(np.argmax(logits[node + 1]))
+        nxt = next((c for c in kids.get(node, ()) if tree.tokens[c] == want), -1)
+        if nxt < 0:
+            break
+        accepted.append(nxt)
+        node = nxt
+    return VerifyResult(tree, accepted, [tree.tokens[i] for i in accepted], want, int(root_token), logits)
+
+
+def verify_lossy(tree: TokenTree, logits: np.ndarray, root_token: int, threshold: float) -> VerifyResult:
+    """BiLD-style rollback policy (lossy, opt-in): a draft token is also accepted when it is
+    not the target's argmax but the target's cross-entropy on it, -log p(x), is at most
+    ``threshold``; among such children the one the target rates highest is followed."""
+    n = len(tree)
+    if logits.ndim != 2 or logits.shape[0] != n + 1:
+        raise ValueError(f"verify_lossy: logits of shape {logits.shape}, expected [{n + 1}, vocab]")
+    kids = _children(tree)
+    accepted: list[int] = []
+    node = -1
+    while True:
+        row = logits[node + 1]
+        want = int(np.argmax(row))
+        cands = kids.get(node, [])
+        nxt = next((c for c in cands if tree.tokens[c] == want), -1)
+        if nxt < 0 and cands:
+            m = float(row[want])
+            lse = m + float(np.log(np.sum(np.exp(row.astype(np.float64) - m))))
+            best = max(cands, key=lambda c: (row[tree.tokens[c]], -c))
+            if lse - float(row[tree.tokens[best]]) <= threshold:
+                nxt = best
+        if nxt < 0:
+            break
+        accepted.append(nxt)
+        node = nxt
+    return VerifyResult(tree, accepted, [tree.tokens[i] for i in accepted], want, int(root_token), logits)
+
+
+class _LazyProbs:
+    """Row-wise view of processed target probabilities, computed on first access (the
+    acceptance rule only visits the rows on its walk; top-p sorts the whole vocabulary)."""
+
+    def __init__(self, logits: np.ndarray, params: Any) -> None:
+        from .sampling import process_logits
+
+        self._logits, self._params, self._process = logits, params, process_logits
+        self._rows: dict[int, np.ndarray] = {}
+        self.shape = logits.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i not in self._rows:
+            self._rows[i] = self._process(self._logits[i], self._params)
+        return self._rows[i]
+
+
+def verify_sampling(tree: TokenTree, logits: np.ndarray, root_token: int, params: Any,
+                    rng: np.random.Generator) -> VerifyResult:
+    """Lossless tree acceptance (runtime.sampling.accept_tree) with SamplingParams ``params``."""
+    from .sampling import accept_tree
+
+    n = len(tree)
+    if logits.ndim != 2 or logits.shape[0] != n + 1:
+        raise ValueError(f"verify_sampling: logits of shape {logits.shape}, expected [{n + 1}, vocab]")
+    acc = accept_tree(tree, _LazyProbs(logits, params), rng)  # type: ignore[arg-type]
+    return VerifyResult(tree, list(acc.accepted), list(acc.tokens), int(acc.next_token),
+                        int(root_token), logits)
