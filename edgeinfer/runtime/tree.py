@@ -17,6 +17,11 @@ class TokenTree:
     parents: list[int] = field(default_factory=list)      # parent index per node, -1 = root
     probs: list[float] = field(default_factory=list)      # draft probability of the node's token
     sources: list[str] = field(default_factory=list)      # which drafter proposed the node
+    # Optional, for lossless sampling (runtime/sampling.py): draft_dists[j] is the distribution
+    # float [vocab] that node j's children (j = -1: the root's) were *sampled* from, without
+    # replacement, in child order. Parents absent here had their children chosen
+    # deterministically; the acceptance rule then treats each child as a point mass.
+    draft_dists: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -38,6 +43,11 @@ class TokenTree:
 
     def children(self, node: int) -> list[int]:
         return [j for j, p in enumerate(self.parents) if p == node]
+
+    def leaves(self) -> list[int]:
+        """Nodes without children, in index order."""
+        has_child = set(self.parents)
+        return [i for i in range(len(self.tokens)) if i not in has_child]
 
     def depths(self) -> np.ndarray:
         """Depth per node, root children have depth 0. int64 [n]."""

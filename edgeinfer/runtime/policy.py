@@ -1,0 +1,169 @@
+"""When to stop drafting and verify: LLMCad's self-adjusting fallback, and a cost-aware variant.
+
+FallbackPolicy (LLMCad, the default):
+
+* tree confidence T_c = max over the tree's leaves of C_i (C_i = product of the draft
+  probabilities on the path to leaf i); verify once T_c < alpha, or when the hard caps
+  (max_nodes / max_depth of the base TreeBudget) are reached;
+* alpha starts at ``alpha_init`` (0.01); after each verification, on the *best branch*:
+  if every drafted token of it was accepted, alpha <- alpha / 2; otherwise
+  alpha <- (N_all - N_correct) / N_all.
+
+  The best branch is the branch verification got furthest along: among the leaves at or below
+  the last accepted node (every leaf when nothing was accepted) the one with the largest C_i
+  (lowest index on ties). N_all is its length in tokens, N_correct the number of accepted
+  tokens. "Every token accepted" therefore means the accepted path ends at a leaf.
+
+The engine hands drafters ``policy.budget()`` (min_confidence = alpha, which drafters check
+after every draft step) and, for richer policies, ``stop=policy.should_verify``.
+
+CostAwarePolicy (a separate option, for offloading, where one verification costs far more than
+a draft step): fed the measured cost of a verification (fixed + per tree node) and of a draft
+step, it keeps drafting while the next step is expected to raise the throughput of the whole
+round. With E = kappa * sum_i C_i expected accepted tokens of the current tree (kappa: a
+running calibration of accepted / predicted), S draft steps so far (= number of expanded nodes,
+the distinct parents), n nodes and t = S * t_draft + t_verify + n * t_node, a round yields
+(E + 1) / t tokens per second; one more step adds at most kappa * T_c tokens for
+t_draft + t_node seconds, so it verifies when kappa * T_c / (t_draft + t_node) < (E + 1) / t.
+An expensive verification makes the right side small and the tree grows (up to the caps); a
+cheap one makes trees small. Until costs are set it behaves as FallbackPolicy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+from .config import TreeBudget
+from .drafters.base import node_confidences, tree_confidence
+from .tree import TokenTree
+
+__all__ = ["FallbackPolicy", "CostAwarePolicy", "best_branch"]
+
+
+def best_branch(tree: TokenTree, accepted: Sequence[int]) -> int:
+    """The leaf ending the best branch (see module docstring); -1 for an empty tree."""
+    if len(tree) == 0:
+        return -1
+    conf = node_confidences(tree)
+    leaves = tree.leaves()
+    if accepted:
+        last = accepted[-1]
+        leaves = [leaf for leaf in leaves if last in tree.path_to(leaf)]
+    return max(leaves, key=lambda leaf: (conf[leaf], -leaf))
+
+
+class FallbackPolicy:
+    """LLMCad's self-adjusting fallback. ``alpha`` is public state; ``history`` lists the
+    alpha after every update (for traces and tests)."""
+
+    def __init__(self, base: TreeBudget | None = None, alpha_init: float = 0.01,
+                 min_alpha: float = 0.0, max_alpha: float = 1.0) -> None:
+        if not 0.0 <= min_alpha <= max_alpha <= 1.0:
+            raise ConfigError(f"FallbackPolicy: need 0 <= min_alpha <= max_alpha <= 1, got "
+                              f"min_alpha={min_alpha!r}, max_alpha={max_alpha!r}")
+        if not min_alpha <= alpha_init <= max_alpha or alpha_init <= 0:
+            raise ConfigError(f"FallbackPolicy.alpha_init must be in ({min_alpha}, {max_alpha}], "
+                              f"got {alpha_init!r}")
+        self.base = base or TreeBudget()
+        self.alpha_init, self.min_alpha, self.max_alpha = alpha_init, min_alpha, max_alpha
+        self.alpha = alpha_init
+        self.history: list[float] = []
+
+    @classmethod
+    def from_config(cls, config: Any) -> "FallbackPolicy":
+        """From a runtime.config.GenerationConfig (``tree`` caps, ``fallback.alpha_init``)."""
+        return cls(config.tree, alpha_init=config.fallback.alpha_init)
+
+    def set_caps(self, max_nodes: int | None = None, max_depth: int | None = None) -> None:
+        """Change the hard caps at run time (validated by TreeBudget)."""
+        self.base = dataclasses.replace(self.base, **{k: v for k, v in
+                                                      (("max_nodes", max_nodes), ("max_depth", max_depth))
+                                                      if v is not None})
+
+    def budget(self) -> TreeBudget:
+        """The budget for the next tree: the caps, and min_confidence = alpha."""
+        return dataclasses.replace(self.base, min_confidence=float(self.alpha))
+
+    def capped(self, tree: TokenTree) -> bool:
+        return len(tree) >= self.base.max_nodes
+
+    def should_verify(self, tree: TokenTree) -> bool:
+        """True when drafting should stop: T_c < alpha or the node cap reached."""
+        return len(tree) > 0 and (self.capped(tree) or tree_confidence(tree) < self.alpha)
+
+    def update(self, tree: TokenTree, accepted: Sequence[int]) -> float:
+        """Apply the update rule after verifying ``tree`` (``accepted``: node indices of the
+        accepted root-to-node path). Returns the new alpha."""
+        leaf = best_branch(tree, accepted)
+        if leaf >= 0:
+            n_all = len(tree.path_to(leaf))
+            n_correct = len(accepted)
+            new = self.alpha / 2 if n_correct >= n_all else (n_all - n_correct) / n_all
+            self.alpha = min(self.max_alpha, max(self.min_alpha, new))
+            self.history.append(self.alpha)
+        return self.alpha
+
+    def observe(self, result: Any) -> float:
+        """update() from a runtime.verify.VerifyResult."""
+        return self.update(result.tree, result.accepted_nodes)
+
+    def reset(self) -> None:
+        self.alpha = self.alpha_init
+        self.history.clear()
+
+
+class CostAwarePolicy(FallbackPolicy):
+    """FallbackPolicy's alpha bookkeeping plus the throughput rule of the module docstring."""
+
+    def __init__(self, base: TreeBudget | None = None, alpha_init: float = 0.01,
+                 calibration_rate: float = 0.3, **kw: float) -> None:
+        super().__init__(base, alpha_init, **kw)
+        if not 0 < calibration_rate <= 1:
+            raise ConfigError(f"CostAwarePolicy.calibration_rate must be in (0, 1], got {calibration_rate!r}")
+        self.rate = calibration_rate
+        self.kappa = 1.0
+        self.verify_s: float | None = None
+        self.verify_per_node_s = 0.0
+        self.draft_step_s: float | None = None
+
+    def set_costs(self, verify_s: float, draft_step_s: float, verify_per_node_s: float = 0.0) -> None:
+        """Seconds per verification (fixed part), per draft step, and per tree node verified."""
+        for name, v in (("verify_s", verify_s), ("draft_step_s", draft_step_s),
+                        ("verify_per_node_s", verify_per_node_s)):
+            if not v >= 0:
+                raise ConfigError(f"CostAwarePolicy.set_costs: {name} must be >= 0, got {v!r}")
+        if draft_step_s + verify_per_node_s <= 0:
+            raise ConfigError("CostAwarePolicy.set_costs: draft_step_s + verify_per_node_s must be > 0")
+        self.verify_s, self.draft_step_s, self.verify_per_node_s = verify_s, draft_step_s, verify_per_node_s
+
+    def budget(self) -> TreeBudget:
+        # The throughput rule replaces alpha as the stop criterion once costs are known.
+        if self.verify_s is None:
+            return super().budget()
+        return dataclasses.replace(self.base, min_confidence=0.0)
+
+    def should_verify(self, tree: TokenTree) -> bool:
+        if self.verify_s is None or self.draft_step_s is None:
+            return super().should_verify(tree)
+        if len(tree) == 0:
+            return False
+        if self.capped(tree):
+            return True
+        conf = node_confidences(tree)
+        expected = self.kappa * float(conf.sum())
+        steps = len(set(tree.parents))
+        t = steps * self.draft_step_s + self.verify_s + len(tree) * self.verify_per_node_s
+        gain = self.kappa * tree_confidence(tree)
+        return gain * t < (expected + 1.0) * (self.draft_step_s + self.verify_per_node_s)
+
+    def update(self, tree: TokenTree, accepted: Sequence[int]) -> float:
+        if len(tree):
+            predicted = float(node_confidences(tree).sum())
+            observed = min(2.0, max(0.05, len(accepted) / predicted)) if predicted > 0 else 1.0
+            self.kappa += self.rate * (observed - self.kappa)
+        return super().update(tree, accepted)
+
+    def reset(self) -> None:
+        super().reset()
+        self.kappa = 1.0

@@ -1,0 +1,129 @@
+"""LLMCad self-adjusting fallback and the cost-aware variant, with hand-computed numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeinfer.errors import ConfigError
+from edgeinfer.runtime.config import FallbackConfig, GenerationConfig, TreeBudget
+from edgeinfer.runtime.policy import CostAwarePolicy, FallbackPolicy, best_branch
+from edgeinfer.runtime.tree import TokenTree
+from edgeinfer.runtime.verify import verify_greedy
+
+
+def example_tree() -> TokenTree:
+    """0:10 (.9) -> 1:11 (.8) -> 2:12 (.5);  0 -> 3:13 (.6);  4:14 (.1).
+    Leaves and C: 2 -> .36, 3 -> .54, 4 -> .1; T_c = .54."""
+    t = TokenTree()
+    t.add(10, -1, 0.9)
+    t.add(11, 0, 0.8)
+    t.add(12, 1, 0.5)
+    t.add(13, 0, 0.6)
+    t.add(14, -1, 0.1)
+    return t
+
+
+def test_best_branch():
+    t = example_tree()
+    assert best_branch(t, []) == 3  # the most confident leaf
+    assert best_branch(t, [0]) == 3  # leaves under node 0: 2 (.36), 3 (.54)
+    assert best_branch(t, [0, 1]) == 2
+    assert best_branch(t, [4]) == 4
+    assert best_branch(TokenTree(), []) == -1
+
+
+def test_alpha_update_sequence_by_hand():
+    t = example_tree()
+    pol = FallbackPolicy(TreeBudget(max_nodes=16, max_depth=8))
+    assert pol.alpha == 0.01
+    steps = [([0, 1, 2], 0.005),  # whole best branch (3 tokens) accepted: alpha / 2
+             ([0], 0.5),  # best branch 0->3: N_all 2, N_correct 1 -> 1/2
+             ([0, 3], 0.25),  # ends at leaf 3: halve
+             ([], 1.0),  # best branch 0->3, nothing accepted: 2/2
+             ([0, 1], 1 / 3),  # best branch 0->1->2: (3 - 2) / 3
+             ([4], 1 / 6)]  # leaf 4 accepted: halve
+    for accepted, want in steps:
+        assert pol.update(t, accepted) == pytest.approx(want)
+    assert pol.history == pytest.approx([w for _, w in steps])
+    pol.update(TokenTree(), [])  # nothing drafted: no change
+    assert pol.alpha == pytest.approx(1 / 6) and len(pol.history) == len(steps)
+    pol.reset()
+    assert pol.alpha == 0.01 and pol.history == []
+
+
+def test_should_verify_and_budget():
+    t = example_tree()  # T_c = .54
+    pol = FallbackPolicy(TreeBudget(max_nodes=16, max_depth=5, branch_threshold=0.25), alpha_init=0.5)
+    assert not pol.should_verify(t)
+    pol.alpha = 0.6
+    assert pol.should_verify(t)
+    b = pol.budget()
+    assert (b.min_confidence, b.max_nodes, b.max_depth, b.branch_threshold) == (0.6, 16, 5, 0.25)
+    pol.alpha = 0.01
+    pol.set_caps(max_nodes=5)
+    assert pol.should_verify(t) and pol.budget().max_nodes == 5  # the hard cap
+    assert not pol.should_verify(TokenTree())
+    with pytest.raises(ConfigError):
+        pol.set_caps(max_nodes=0)
+    with pytest.raises(ConfigError):
+        FallbackPolicy(alpha_init=0.0)
+
+
+def test_from_config_and_observe_a_real_verification():
+    cfg = GenerationConfig(tree=TreeBudget(max_nodes=12, max_depth=4),
+                           fallback=FallbackConfig(alpha_init=0.04))
+    pol = FallbackPolicy.from_config(cfg)
+    assert pol.alpha == 0.04 and pol.base.max_nodes == 12
+    t = example_tree()
+    logits = np.zeros((len(t) + 1, 20), np.float32)
+    logits[0, 10] = logits[1, 11] = logits[2, 5] = 1.0  # accepts 10, 11; bonus 5
+    result = verify_greedy(t, logits, root_token=1)
+    assert result.accepted_nodes == [0, 1]
+    assert pol.observe(result) == pytest.approx(1 / 3)
+
+
+def chain(probs):
+    return TokenTree.chain(list(range(len(probs))), probs)
+
+
+def test_cost_aware_rule_by_hand():
+    # chain .9, .8: C = .9, .72; sum 1.62; T_c .72; 2 draft steps.
+    t = chain([0.9, 0.8])
+    pol = CostAwarePolicy(TreeBudget(max_nodes=32))
+    assert not pol.should_verify(t)  # no costs yet: LLMCad rule with alpha .01
+    pol.set_costs(verify_s=0.030, draft_step_s=0.005)
+    # t = 2 * .005 + .030 = .040; rate (1.62 + 1) / .040 = 65.5/s; next step .72 / .005 = 144/s
+    assert not pol.should_verify(t)
+    pol.set_costs(verify_s=0.001, draft_step_s=0.005)
+    # t = .011; rate 238/s > 144/s: verify now
+    assert pol.should_verify(t)
+    pol.set_costs(verify_s=0.001, draft_step_s=0.001, verify_per_node_s=0.004)
+    # t = .002 + .001 + 2 * .004 = .011; next step costs .005 -> same decision
+    assert pol.should_verify(t)
+    assert pol.budget().min_confidence == 0.0
+    with pytest.raises(ConfigError):
+        pol.set_costs(verify_s=-1, draft_step_s=0.01)
+
+
+def test_cost_aware_calibration_by_hand():
+    t = chain([0.9, 0.8])  # predicted 1.62 accepted tokens
+    pol = CostAwarePolicy(calibration_rate=0.5)
+    pol.update(t, [0])  # observed 1 / 1.62 = .617 -> kappa = 1 + .5 (.617 - 1)
+    assert pol.kappa == pytest.approx(1 + 0.5 * (1 / 1.62 - 1))
+    assert pol.alpha == pytest.approx(0.5)  # alpha bookkeeping as in FallbackPolicy
+    pol.reset()
+    assert pol.kappa == 1.0
+
+
+def test_expensive_verification_grows_bigger_trees():
+    """Grow a chain of .9-confidence tokens step by step until the policy says verify."""
+    def size_at_stop(verify_s):
+        pol = CostAwarePolicy(TreeBudget(max_nodes=64))
+        pol.set_costs(verify_s=verify_s, draft_step_s=0.005)
+        for n in range(1, 64):
+            if pol.should_verify(chain([0.9] * n)):
+                return n
+        return 64
+
+    # Stops when .9**n / .005 s < (E + 1) / (n * .005 s + verify_s), E = sum_k .9**k
+    assert [size_at_stop(v) for v in (0.001, 0.02, 0.2, 2.0)] == [1, 7, 19, 37]
