@@ -19,10 +19,11 @@ refused. Only tensors whose rows (last axis) are a multiple of the GGML block ca
 :func:`encoding_for_shape` falls back (K-quant -> its block-32 sibling -> F16) for the rest,
 while :func:`encode` raises :class:`QuantizationError` for a ragged tensor.
 
-Encoders: gguf-py's ``gguf.quants.quantize`` (F32, F16, Q8_0, Q4_0, Q4_1, bit-exact with
-ggml's reference quantizers for Q8_0) wherever it supports the type; gguf 0.19 only
-*dequantizes* Q4_K, so :func:`quantize_q4_k` below is our own NumPy encoder of the Q4_K block
-layout (as read by gguf-py's ``Q4_K.dequantize_blocks`` and ggml's ``block_q4_K``).
+Encoders: gguf-py's ``gguf.quants.quantize`` (F32, F16, Q8_0, Q4_0, Q4_1; its Q8_0 / Q4_0 /
+Q4_1 bytes equal ggml's own quantizer's, tests/test_quant_gguf_ggml.py) wherever it supports
+the type; gguf 0.19 only *dequantizes* Q4_K, so :func:`quantize_q4_k` below is our own NumPy
+encoder of the Q4_K block layout (as read by gguf-py's ``Q4_K.dequantize_blocks`` and ggml's
+``block_q4_K``).
 """
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def encode(x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
 # least squares (offset <= 0), keep the lowest squared error; then round the sub-block
 # scales and mins onto the 6-bit grids of the fp16 super-block scales and re-derive the codes.
 # Measured RMS error equals ggml's quantize_row_q4_K_ref within 1% on Gaussian, uniform and
-# heavy-tailed data (tests/test_quant_gguf_ggml.py), below Q4_1's.
+# heavy-tailed data (tests/test_quant_gguf_ggml.py); lower than Q4_1's on zero-centred data
+# (Q4_K's offset is tied to min(x, 0), so all-positive blocks are its weak case).
 
 
 @dataclass(frozen=True)
