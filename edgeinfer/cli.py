@@ -59,7 +59,13 @@ def _recipe(fmt: str, block: int, symmetric: bool = True, outlier: str = "none",
             keep: Sequence[str] = ()):
     from .quant.recipe import QuantRecipe
 
-    return QuantRecipe(fmt, block_size=block, symmetric=symmetric, outlier=outlier, keep=tuple(keep))
+    # The embedding follows the weight format (a tied LM head then shares one table) unless the
+    # user keeps it at fp32 with --keep embed_tokens.weight.
+    import fnmatch
+
+    keep_embed = any(fnmatch.fnmatchcase("embed_tokens.weight", k) for k in keep)
+    return QuantRecipe(fmt, block_size=block, symmetric=symmetric, outlier=outlier, keep=tuple(keep),
+                       embed_format="fp32" if keep_embed else fmt)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_path, report_to_json
 
-    report = inspect_path(args.path, tensors=args.tensors or args.json)
+    report = inspect_path(args.path, tensors=True)
     if args.json:
         print(report_to_json(report))
         return 0
@@ -164,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sp = add("export", cmd_export, "Export a target (+ draft) pair into a bundle. With no model "
-             "arguments: the default pair (SmolLM2-135M-Instruct fp32 target, derived int4 draft).")
+             "arguments: the default pair (SmolLM2-135M-Instruct fp32 target, derived int8 draft).")
     sp.add_argument("--target", help="target checkpoint: Hugging Face folder or .gguf file")
     sp.add_argument("--draft", help="draft checkpoint sharing the target's tokenizer")
     sp.add_argument("--draft-from-target", metavar="SPEC",

@@ -45,6 +45,8 @@ def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _prompt(args: argparse.Namespace, engine) -> Any:
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise ConfigError("prompt: empty (give some text, or - to read it from stdin)")
     if not args.raw and engine.tokenizer is not None and engine.tokenizer.chat_template:
         return [{"role": "user", "content": text}]
     return text

@@ -83,9 +83,22 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
 
 
 def _onnx_initializers(onnx_path: Path) -> list[TensorInfo]:
+    """Initializers of a graph, labelled by how the graph uses them (e.g. "int4 MatMulNBits
+    b32" for packed weights, "scales"), with their sizes in the external data file."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    role: dict[str, str] = {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        # MatMulNBits: A, B, scales, zero_points; GatherBlockQuantized: data, indices, scales, zero_points
+        packed = node.input[1] if node.op_type == "MatMulNBits" else node.input[0]
+        role.setdefault(packed, f"int{attrs.get('bits', 4)} {node.op_type} b{attrs.get('block_size', '?')}")
+        for idx, kind in ((2, "scales"), (3, "zero_points")):
+            if idx < len(node.input) and node.input[idx]:
+                role.setdefault(node.input[idx], kind)
     out = []
     for init in model.graph.initializer:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
@@ -96,8 +109,8 @@ def _onnx_initializers(onnx_path: Path) -> list[TensorInfo]:
         for kv in init.external_data:
             if kv.key == "length":
                 size = int(kv.value)
-        out.append(TensorInfo(init.name, onnx.TensorProto.DataType.Name(init.data_type).lower(),
-                              tuple(init.dims), size))
+        fmt = role.get(init.name) or onnx.TensorProto.DataType.Name(init.data_type).lower()
+        out.append(TensorInfo(init.name, fmt, tuple(init.dims), size))
     return out
 
 
