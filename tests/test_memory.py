@@ -1,0 +1,143 @@
+"""Memory budgets: parsing and reading the cgroup / meminfo limits (edgeinfer.runtime.memory)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgeinfer.errors import ConfigError
+from edgeinfer.runtime import memory
+from edgeinfer.runtime.memory import cgroup_memory, format_bytes, mem_available, parse_budget
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("200MB", 200_000_000), ("200 MB", 200_000_000), ("1.5GiB", 3 * 2**29), ("512M", 512 * 2**20),
+    ("512MiB", 512 * 2**20), ("64k", 65536), ("64kB", 64_000), ("1e9", 10**9), ("4096", 4096),
+    ("2G", 2 * 2**30), ("1GB", 10**9), ("  300mb ", 300_000_000), (1234, 1234), (2.5e6, 2_500_000),
+])
+def test_parse_budget_units(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "MB", "200XB", "-5MB", "0", "1.2.3G", "ten MB", None, True, [1]])
+def test_parse_budget_rejects_with_field_name(bad):
+    with pytest.raises(ConfigError, match="memory_budget"):
+        parse_budget(bad)
+
+
+def test_format_bytes():
+    assert format_bytes(200 * 2**20) == "200.0 MiB"
+    assert format_bytes(3 * 2**29) == "1.5 GiB"
+    assert format_bytes(512) == "512 B"
+
+
+def _fake_v1(tmp: Path, limits: dict[str, int], usage: int) -> tuple[Path, Path]:
+    """A fake cgroup v1 memory hierarchy: mount at tmp/memory, this process in /a/b."""
+    mnt = tmp / "memory"
+    for rel, lim in limits.items():
+        d = mnt / rel.strip("/") if rel != "/" else mnt
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(f"{lim}\n")
+        (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (d / "memory.max_usage_in_bytes").write_text(f"{usage + 5}\n")
+    cg = tmp / "cgroup"
+    cg.write_text("12:pids:/a/b\n4:memory:/a/b\n0::/\n")
+    mi = tmp / "mountinfo"
+    mi.write_text(f"30 25 0:27 / {mnt} rw,nosuid - cgroup cgroup rw,memory\n"
+                  f"31 25 0:28 / {tmp / 'unified'} rw - cgroup2 cgroup2 rw\n")
+    return cg, mi
+
+
+def test_cgroup_v1_takes_tightest_ancestor_limit(tmp_path):
+    unlimited = 9223372036854771712
+    cg, mi = _fake_v1(tmp_path, {"/": unlimited, "/a": 300 << 20, "/a/b": 500 << 20}, usage=123456)
+    got = cgroup_memory(cg, mi)
+    assert got is not None and got.version == 1
+    assert got.path == tmp_path / "memory" / "a" / "b"
+    assert got.limit == 300 << 20  # the parent's limit is tighter
+    assert got.usage == 123456 and got.peak() == 123461
+
+
+def test_cgroup_v1_unlimited_is_none(tmp_path):
+    unlimited = 9223372036854771712
+    cg, mi = _fake_v1(tmp_path, {"/": unlimited, "/a": unlimited, "/a/b": unlimited}, usage=1)
+    assert cgroup_memory(cg, mi).limit is None
+
+
+def test_cgroup_v2_memory_max(tmp_path):
+    mnt = tmp_path / "unified"
+    d = mnt / "user.slice" / "app"
+    d.mkdir(parents=True)
+    (mnt / "user.slice" / "memory.max").write_text("max\n")
+    (mnt / "user.slice" / "memory.current").write_text("10\n")
+    (d / "memory.max").write_text(f"{256 << 20}\n")
+    (d / "memory.current").write_text("4096\n")
+    (d / "memory.peak").write_text("8192\n")
+    cg = tmp_path / "cgroup"
+    cg.write_text("0::/user.slice/app\n")
+    mi = tmp_path / "mountinfo"
+    mi.write_text(f"31 25 0:28 / {mnt} rw - cgroup2 cgroup2 rw\n")
+    got = cgroup_memory(cg, mi)
+    assert (got.version, got.limit, got.usage, got.peak()) == (2, 256 << 20, 4096, 8192)
+
+
+def test_no_cgroup_files(tmp_path):
+    assert cgroup_memory(tmp_path / "missing", tmp_path / "missing2") is None
+
+
+def test_mem_available_matches_meminfo(tmp_path):
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:  1000 kB\nMemFree:  10 kB\nMemAvailable:  777 kB\n")
+    assert mem_available(f) == 777 * 1024
+    real = mem_available()
+    assert real is None or real > 0
+
+
+def test_resolve_budget_user_value_capped_by_cgroup(monkeypatch, tmp_path):
+    cg, mi = _fake_v1(tmp_path, {"/": 9223372036854771712, "/a": 100 << 20, "/a/b": 100 << 20}, usage=1)
+    fake = cgroup_memory(cg, mi)
+    monkeypatch.setattr(memory, "cgroup_memory", lambda: fake)
+    assert memory.resolve_budget("50MiB").bytes == 50 << 20
+    capped = memory.resolve_budget("1GiB")
+    assert capped.bytes == 100 << 20 and "cgroup v1" in capped.source
+    assert memory.resolve_budget(None).bytes == 100 << 20
+
+
+def test_resolve_budget_without_cgroup_uses_meminfo(monkeypatch):
+    monkeypatch.setattr(memory, "cgroup_memory", lambda: None)
+    b = memory.resolve_budget()
+    assert b.bytes >= memory.mem_available() and "MemAvailable" in b.source
+
+
+def test_working_set_subtracts_inactive_page_cache(tmp_path):
+    cg, mi = _fake_v1(tmp_path, {"/": 9223372036854771712, "/a": 100 << 20, "/a/b": 100 << 20}, usage=80 << 20)
+    (tmp_path / "memory" / "a" / "b" / "memory.stat").write_text(
+        "cache 50000000\nrss 30000000\ninactive_file 9\ntotal_inactive_file 20971520\n")
+    assert cgroup_memory(cg, mi).working_set() == 60 << 20
+
+
+def test_lock_pages_on_fault_keeps_a_mapping_readable(tmp_path):
+    import mmap
+    import platform
+
+    f = tmp_path / "weights.bin"
+    data = bytes(range(256)) * 4096  # 1 MiB
+    f.write_bytes(data)
+    with open(f, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        assert m[:256] == data[:256]  # touched before
+        covered = memory.lock_pages_on_fault(f)
+        if platform.machine() in ("x86_64", "aarch64") and os.geteuid() == 0:
+            assert covered >= len(data)
+        assert m[:] == data  # dropped mappings fault back in from the file
+        m.close()
+    assert memory.file_mappings(f) == []
+
+
+def test_return_freed_memory_on_glibc():
+    import platform
+
+    ok = memory.return_freed_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert ok

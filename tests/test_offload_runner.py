@@ -1,0 +1,293 @@
+"""StreamingRunner (edgeinfer.runtime.streaming): the target run from per-layer shards.
+
+Independent answers: onnxruntime on the full tree-verify graph with the whole sequence and no
+KV cache (tests/runtime_models.raw_logits / raw_greedy); the same runner with every part
+resident; the bytes of the shard files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeinfer.errors import MemoryBudgetError, ShardError
+from edgeinfer.quant.recipe import QuantRecipe
+from edgeinfer.runtime import shard_io
+from edgeinfer.runtime.streaming import ShardPaths, StreamingRunner
+
+from runtime_models import build_tiny_onnx, random_weights, raw_greedy, raw_logits, same_or_near_tie, tiny_spec
+
+KiB, MiB = 2**10, 2**20
+
+
+def _build(root: Path, spec, seed: int = 0) -> tuple[Path, ShardPaths]:
+    from edgeinfer.export.onnx_shards import build_layer_shards
+
+    w = random_weights(spec, seed)
+    full = build_tiny_onnx(spec, root, seed)
+    info = build_layer_shards(spec, w.__getitem__, QuantRecipe(), root / "layers")
+    return full, ShardPaths.from_manifest(root, info.to_manifest(root))
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def model(request, tmp_path_factory):
+    spec = tiny_spec(layers=6) if request.param == "llama" else tiny_spec(layers=6, sliding_window=8)
+    root = tmp_path_factory.mktemp(request.param)
+    full, shards = _build(root, spec)
+    return spec, full, shards
+
+
+def runner(spec, shards, budget=None, **kw) -> StreamingRunner:
+    """budget None: everything resident. Budgets count from a zero baseline so that tiny
+    models stream; the margin the runner adds is 2 MiB + 1%."""
+    kw.setdefault("max_context", 96)
+    kw.setdefault("max_nodes", 16)
+    return StreamingRunner(shards, spec, budget or 1 << 30, baseline=0, head_chunk_bytes=8 * KiB, **kw)
+
+
+def streaming_budget(spec, shards) -> int:
+    """A budget that keeps about half of the layers resident."""
+    probe = runner(spec, shards)
+    layer = probe._parts["layer.0"].nbytes
+    b = probe.plan.breakdown
+    fixed = b["baseline"] + b["kv"] + b["activations"] + b.get("embed rows", 0)
+    others = sum(probe._parts[n].nbytes for n in probe.plan.resident if not n.startswith("layer."))
+    probe.close()
+    return fixed + int(2.1 * MiB) + others + (spec.num_layers // 2 + 2) * layer
+
+
+def test_plan_streams_and_keeps_to_budget(model):
+    spec, _, shards = model
+    budget = streaming_budget(spec, shards)
+    r = runner(spec, shards, budget)
+    assert r.plan.peak_bytes <= budget
+    assert any(n.startswith("layer.") for n in r.plan.streamed)
+    assert any(n.startswith("layer.") for n in r.plan.resident)
+    assert r.plan.prefetch and r._ring is not None and r._ring.k == 2
+    assert len({g.signature for g in r._layers}) == (2 if spec.has_sliding_layers else 1)  # shared sessions
+    r.close()
+
+
+def test_matches_full_graph_without_cache(model):
+    """Prefill, a tree pass, a commit of one path and a decode step agree with a full
+    no-cache pass of the full graph (onnxruntime directly)."""
+    import onnxruntime as ort
+
+    spec, full, shards = model
+    sess = ort.InferenceSession(str(full), providers=["CPUExecutionProvider"])
+    r = runner(spec, shards, streaming_budget(spec, shards))
+    prompt = [3, 17, 99, 4, 250, 8, 31]
+    got = r.forward(prompt)
+    want = raw_logits(sess, spec, prompt)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    r.commit(np.arange(len(prompt)))
+    # tree: 0 <- 1 <- 3, 0 <- 2, and 4 at the root
+    toks, parents = [5, 6, 7, 9, 11], [-1, 0, 0, 1, -1]
+    tree_logits = r.forward(toks, parents)
+    for leaf, path in ((3, [0, 1, 3]), (2, [0, 2]), (4, [4])):
+        want = raw_logits(sess, spec, prompt + [toks[j] for j in path])[-1]
+        np.testing.assert_allclose(tree_logits[leaf], want, rtol=1e-4, atol=1e-4)
+    r.commit([0, 1, 3])
+    got = r.forward([42])[0]
+    want = raw_logits(sess, spec, prompt + [5, 6, 9, 42])[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    r.close()
+
+
+def test_streamed_equals_resident_exactly(model):
+    spec, _, shards = model
+    a = runner(spec, shards)
+    b = runner(spec, shards, streaming_budget(spec, shards))
+    assert not a.plan.streamed or a.plan.streamed == ("embed",)
+    prompt = [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(a.forward(prompt), b.forward(prompt))
+    a.commit(range(5))
+    b.commit(range(5))
+    for tok in (7, 9, 11, 200):
+        np.testing.assert_array_equal(a.forward([tok]), b.forward([tok]))
+        a.commit([0])
+        b.commit([0])
+    assert b.passes[-1].streamed_bytes > 0 and a.passes[-1].streamed_bytes == 0
+    a.close()
+    b.close()
+
+
+def test_greedy_decode_matches_reference(model):
+    spec, full, shards = model
+    prompt = [11, 23, 5, 77]
+    ref, gaps = raw_greedy(full, spec, prompt, 12)
+    r = runner(spec, shards, streaming_budget(spec, shards), prefetch=True)
+    logits = r.forward(prompt, logits_index=[len(prompt) - 1])
+    r.commit(range(len(prompt)))
+    out = []
+    for _ in range(12):
+        out.append(int(np.argmax(logits[-1])))
+        logits = r.forward([out[-1]])
+        r.commit([0])
+    assert same_or_near_tie(out, ref, gaps)
+    r.close()
+
+
+def test_too_small_budget_fails_before_reading_weights(model, monkeypatch):
+    spec, _, shards = model
+    reads = []
+    real = shard_io.WeightReader.read
+    monkeypatch.setattr(shard_io.WeightReader, "read", lambda self, *a, **k: (reads.append(a), real(self, *a, **k)))
+    layer = runner(spec, shards)._parts["layer.0"].nbytes
+    reads.clear()
+    with pytest.raises(MemoryBudgetError, match=r"too small.*process and draft.*largest streamed part"):
+        StreamingRunner(shards, spec, 3 * MiB, baseline=3 * MiB - layer, max_context=96, max_nodes=16)
+    assert reads == []
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Swap the file's content at once (the loader thread may be reading it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated"])
+def test_damaged_shard_mid_generation_is_a_clear_error(model, tmp_path, damage):
+    spec, _, shards0 = model
+    shards = ShardPaths.from_manifest(tmp_path, {
+        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
+        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    r = runner(spec, shards, streaming_budget(spec, shards))
+    victim = next(n for n in r.plan.streamed if n.startswith("layer."))
+    data = shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data")
+    r.forward([1, 2, 3])
+    r.commit(range(3))
+    good = r.forward([4])
+    r.discard()
+    saved = data.read_bytes()
+    if damage == "missing":
+        data.unlink()
+    elif damage == "corrupt":
+        mid = len(saved) // 2
+        _replace(data, saved[:mid] + bytes(64 * [0x5A]) + saved[mid + 64:])
+    else:
+        _replace(data, saved[: len(saved) // 2])
+    expect = {"missing": "missing", "corrupt": "modified or replaced", "truncated": "expected"}[damage]
+    for _ in range(2):  # the part may already sit in the ring from before the damage
+        try:
+            r.forward([4])
+            r.discard()
+        except ShardError as e:
+            assert str(data) in str(e) and expect in str(e)
+            break
+    else:
+        pytest.fail("a damaged shard was not reported")
+    # the request ended; with the file restored, a runner loaded again gives the same logits
+    r.close()
+    _replace(data, saved)
+    r = runner(spec, shards, streaming_budget(spec, shards))
+    r.forward([1, 2, 3])
+    r.commit(range(3))
+    np.testing.assert_array_equal(r.forward([4]), good)
+    r.close()
+
+
+def test_in_place_bit_flip_caught_by_crc32_mode(model, tmp_path):
+    """Bytes changed in place with size, mtime and inode kept: only verify="crc32" sees it."""
+    import os
+
+    spec, _, shards0 = model
+    shards = ShardPaths.from_manifest(tmp_path, {
+        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
+        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    r = runner(spec, shards, streaming_budget(spec, shards), verify="crc32")
+    victim = next(n for n in r.plan.streamed if n.startswith("layer."))
+    data = shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data")
+    r.forward([1, 2, 3])
+    r.discard()
+    st = os.stat(data)
+    with open(data, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(b"\x7f" * 16)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        for _ in range(2):
+            r.forward([1, 2, 3])
+            r.discard()
+    r.close()
+
+
+def _copy(p: Path, dest: Path) -> str:
+    for f in (p, p.with_suffix(".onnx.data")):
+        shutil.copy(f, dest / f.name)
+    return p.name
+
+
+def test_prefetch_overlaps_compute(tmp_path):
+    """With two buffers, layer i+1 is read while layer i computes; with one, never."""
+    spec = tiny_spec(layers=8)
+    import dataclasses
+
+    spec = dataclasses.replace(spec, hidden_size=256, intermediate_size=1024, head_dim=64, num_heads=4,
+                               num_kv_heads=2)
+    _, shards = _build(tmp_path, spec)
+
+    def overlap(prefetch: bool) -> tuple[float, float]:
+        r = StreamingRunner(shards, spec, 16 * MiB, baseline=0, max_context=96, max_nodes=32,
+                            prefetch=prefetch, direct_io=False, verify="stat")
+        assert r.plan.resident == () or all(not n.startswith("layer.") for n in r.plan.resident)
+        r.forward(list(range(1, 9)))
+        r.commit(range(8))
+        for _ in range(4):
+            r.forward(list(range(20, 52)), [-1] + list(range(31)))  # 32-node passes
+            r.discard()
+        loads = [(a, b) for kind, _, a, b in r.trace if kind == "load"]
+        comps = [(a, b) for kind, _, a, b in r.trace if kind == "compute"]
+        both = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in loads for a2, b2 in comps)
+        total = sum(b - a for a, b in comps)
+        r.close()
+        return both, total
+
+    both, total = overlap(True)
+    assert both > 0.3 * total, f"only {both:.4f} s of {total:.4f} s of compute overlapped a load"
+    none, _ = overlap(False)
+    assert none < 0.02 * total
+
+
+def test_long_prefill_runs_in_planned_pass_sizes(model):
+    import onnxruntime as ort
+
+    spec, full, shards = model
+    sess = ort.InferenceSession(str(full), providers=["CPUExecutionProvider"])
+    r = runner(spec, shards, streaming_budget(spec, shards), max_nodes=4)
+    prompt = [3, 17, 99, 4, 250, 8, 31, 2, 77, 5, 6]
+    got = r.forward(prompt, logits_index=[10, 0, 5])
+    assert [p.nodes for p in r.passes] == [4, 4, 3]
+    want = raw_logits(sess, spec, prompt)
+    np.testing.assert_allclose(got, want[[10, 0, 5]], rtol=1e-4, atol=1e-4)
+    r.commit(range(len(prompt)))
+    assert r.past_len == len(prompt)
+    with pytest.raises(ValueError, match="max_nodes"):
+        r.forward([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3])
+    r.close()
+
+
+def test_engine_request_ends_with_shard_error(model, tmp_path):
+    """Through the engine: a shard removed mid-generation ends the request with ShardError
+    after the tokens already produced (which are the right ones)."""
+    from edgeinfer.runtime.engine import Engine
+
+    spec, full, shards0 = model
+    shards = ShardPaths.from_manifest(tmp_path, {
+        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
+        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    r = runner(spec, shards, streaming_budget(spec, shards))
+    victim = next(n for n in r.plan.streamed if n.startswith("layer."))
+    engine = Engine(r, None, {})
+    prompt = [11, 23, 5, 77]
+    ref, gaps = raw_greedy(full, spec, prompt, 12)
+    got: list[int] = []
+    with pytest.raises(ShardError, match="missing|modified"):
+        for batch in engine.stream_tokens(prompt, max_new_tokens=12, mode="plain", ignore_eos=True):
+            got += list(batch)
+            if len(got) == 3:
+                shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data").unlink()
+    assert 3 <= len(got) < 12 and same_or_near_tie(got, ref[:len(got)], gaps)
+    r.close()
