@@ -37,7 +37,8 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     "qnn", "nnapi", "coreml", "xnnpack", "dml", "cuda", "cpu"); CPU is always the last resort.
     ``option_overrides``: any :class:`EngineOptions` field (draft_providers, threads,
     draft_threads, inter_op_threads, graph_optimization, max_context, kv_block,
-    verify_checksums, pipeline, pipeline_max_ahead). ``drafters``: the default drafter names for speculative modes
+    verify_checksums, pipeline, pipeline_max_ahead, memory_budget, offload_tree_nodes). With
+    ``memory_budget`` the target streams its layers from the bundle's shards. ``drafters``: the default drafter names for speculative modes
     (default: "model" when the bundle has a draft model, otherwise plain decoding).
     """
     known = {f.name for f in dataclasses.fields(EngineOptions)}
@@ -52,6 +53,12 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     manifest = load_manifest(root, verify=opts.verify_checksums)
     tokenizer = Tokenizer.from_bundle(root, manifest)
 
+    if opts.memory_budget is not None:
+        from .runtime.offload_engine import load_streaming_engine
+
+        draft_threads = opts.threads if opts.draft_threads is None else opts.draft_threads
+        return load_streaming_engine(root, manifest, tokenizer, opts, defaults, drafters,
+                                     _settings(opts, draft_threads), opts.threads)
     target_entry = manifest.models["target"]
     spec = target_entry.spec
     max_context = opts.max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT)

@@ -74,10 +74,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.pipeline import DraftFromTarget, ExportConfig, default_pair_config, export_bundle
 
     if args.target is None and args.draft is None and args.draft_from_target is None and args.quant is None:
-        config = default_pair_config(Path(args.out), overwrite=args.force)
-        if args.formats:
-            from dataclasses import replace
-            config = replace(config, formats=tuple(args.formats.split(",")), shards=args.shards)
+        from dataclasses import replace
+
+        config = replace(default_pair_config(Path(args.out), overwrite=args.force), shards=args.shards,
+                         formats=tuple((args.formats or "onnx").split(",")))
     else:
         dft = DraftFromTarget.parse(args.draft_from_target, args.block_size) if args.draft_from_target else None
         config = ExportConfig(

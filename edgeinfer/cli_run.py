@@ -17,9 +17,12 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 def _load(args: argparse.Namespace):
     from .api import load
 
+    # With a memory budget, naming drafters decides whether the draft model is loaded at all.
+    drafters = _csv(getattr(args, "drafter", None)) if args.memory_budget else None
     return load(args.bundle, providers=_csv(args.providers), draft_providers=_csv(args.draft_providers),
+                drafters=drafters,
                 threads=args.threads, max_context=args.max_context,
-                verify_checksums=not args.no_verify)
+                verify_checksums=not args.no_verify, memory_budget=args.memory_budget)
 
 
 def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +72,29 @@ def format_stats(stats) -> str:
     return "\n".join(lines)
 
 
+def format_offload(engine) -> str:
+    """Memory plan and per-pass streaming figures of a streamed target ('' otherwise)."""
+    target = engine.target
+    if not hasattr(target, "memory_report"):
+        return ""
+    rep = target.memory_report()
+    mib = 2 ** 20
+    lines = [f"memory budget {rep['budget'] / mib:.0f} MiB ({rep['budget_source']}), planned peak "
+             f"{rep['planned_peak'] / mib:.0f} MiB, usage now {rep['usage_now'] / mib:.0f} MiB",
+             f"resident: {', '.join(rep['resident']) or 'none'}; streamed "
+             f"{rep['streamed_bytes_per_pass'] / mib:.0f} MiB per pass"]
+    passes = getattr(target, "passes", [])[1:]  # the first pass is the prefill
+    if passes:
+        n = len(passes)
+        io = sum(p.io_seconds for p in passes) / n
+        comp = sum(p.compute_seconds for p in passes) / n
+        stall = sum(p.stall_seconds for p in passes) / n
+        read = sum(p.streamed_bytes for p in passes) / n
+        lines.append(f"per pass ({n} after prefill): read {read / mib:.0f} MiB, I/O {io * 1000:.0f} ms, "
+                     f"compute {comp * 1000:.0f} ms, waiting for I/O {stall * 1000:.0f} ms")
+    return "\n".join(lines)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     engine = _load(args)
     prompt = _prompt(args, engine)
@@ -86,6 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.stats:
         print(format_stats(stream.result.stats), file=sys.stderr)
+        offload = format_offload(engine)
+        if offload:
+            print(offload, file=sys.stderr)
     return 0
 
 
@@ -175,6 +204,9 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default: ORT's)")
         sp.add_argument("--max-context", type=int, default=None, help="context window (default min(model, 4096))")
         sp.add_argument("--no-verify", action="store_true", help="skip bundle checksum verification on load")
+        sp.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory budget, e.g. 200MB or auto (cgroup limit / available memory): the "
+                             "target streams its layers from the bundle's shards (export --shards)")
 
     def gen_args(sp: argparse.ArgumentParser, max_new: int = 128) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=max_new)

@@ -171,7 +171,7 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
     info = build_model_onnx(spec, get, recipe, stage / onnx_rel, progress=stage_progress("onnx"))
     shards = None
     if config.shards and role == "target":
-        from .onnx_builder import build_layer_shards
+        from .onnx_shards import build_layer_shards
 
         shard_info = build_layer_shards(spec, get, recipe, stage / role / "layers",
                                         progress=stage_progress("shards"))

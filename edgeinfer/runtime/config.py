@@ -145,6 +145,10 @@ class EngineOptions:
     verify_checksums: bool = True  # check every bundle file's SHA-256 on load
     pipeline: bool = False  # compute-IO overlap: the draft model drafts on while the target verifies
     pipeline_max_ahead: int = 8  # draft steps beyond the tree per verification (pipeline only)
+    # Memory budget ("200MB", "1.5GiB", bytes, or "auto" = cgroup limit / available memory).
+    # When set, the target streams its layers from the bundle's per-layer shards (offload.py).
+    memory_budget: str | int | None = None
+    offload_tree_nodes: int = 16  # largest tree a streamed pass is planned for
 
     def __post_init__(self) -> None:
         o = "EngineOptions"
@@ -160,6 +164,12 @@ class EngineOptions:
                 f"{o}.graph_optimization must be one of {GRAPH_OPT_LEVELS}, got {self.graph_optimization!r}")
         _int(o, "max_context", self.max_context, 2, allow_none=True)
         _int(o, "kv_block", self.kv_block, 1)
+        _int(o, "offload_tree_nodes", self.offload_tree_nodes, 1)
+        if self.memory_budget is not None:
+            from .memory import parse_budget
+
+            if self.memory_budget != "auto":
+                parse_budget(self.memory_budget)  # raises ConfigError naming the value
         for name in ("verify_checksums", "pipeline"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{o}.{name} must be true or false, got {getattr(self, name)!r}")
