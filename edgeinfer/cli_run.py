@@ -197,6 +197,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Side-by-side benchmark (edgeinfer.bench): Markdown table, JSON of every run, plots."""
+    from .bench import run_benchmark, to_markdown, write_outputs
+    from .bench.cliargs import config_from_args
+    from .cli import TqdmProgress
+
+    config = config_from_args(args)
+    progress = TqdmProgress(True)
+    try:
+        report = run_benchmark(config, progress=lambda done, total: progress("bench", done, total))
+    finally:
+        progress.close()
+    files = write_outputs(report)
+    print(to_markdown(report))
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     def engine_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--providers", help="execution providers in order, e.g. 'qnn,xnnpack,cpu' (default cpu)")
@@ -239,6 +258,12 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--system", help="system message")
     engine_args(sp)
     gen_args(sp, max_new=512)
+
+    from .bench.cliargs import add_bench_arguments
+
+    sp = add("bench", cmd_bench, "Benchmark edgeinfer (plain, chain, tree, each drafter) side by side "
+             "with llama.cpp, onnxruntime-genai and transformers; writes Markdown, JSON and PNG plots.")
+    add_bench_arguments(sp)
 
     sp = add("demo", cmd_demo, "The main job: build the default bundle if needed, then show plain "
              "decoding next to tree speculation with both speeds.")
