@@ -45,13 +45,12 @@ def available_drafters(bundle: str | Path | None) -> tuple[str, ...]:
 
 
 def export_default_bundle(source: Path, out: Path) -> None:
-    """The default pair from ``source``: fp32 target + int4 draft derived from it."""
-    from ..export.pipeline import DraftFromTarget, ExportConfig, export_bundle
-    from ..quant.recipe import QuantRecipe, WeightFormat
+    """The default pair (pipeline.default_pair_config) made from ``source``."""
+    from dataclasses import replace
 
-    export_bundle(ExportConfig(out=out, target=source,
-                               draft_from_target=DraftFromTarget(QuantRecipe(WeightFormat.INT4)),
-                               target_recipe=QuantRecipe(WeightFormat.FP32)))
+    from ..export.pipeline import default_pair_config, export_bundle
+
+    export_bundle(replace(default_pair_config(out), target=source))
 
 
 class EdgeinferMethod(Method):

@@ -51,8 +51,10 @@ def _str_tuple(owner: str, name: str, value: Any) -> tuple[str, ...]:
 class TreeBudget:
     """How big a draft tree may grow before it is verified (LLMCad token tree)."""
 
-    max_nodes: int = 8  # hard cap on tree size (nodes, root excluded)
-    max_depth: int = 6  # longest root-to-leaf path
+    # Defaults from the budget sweep on SmolLM2-135M (fp32 target, int8 draft, 2 CPU cores):
+    # 12 nodes / depth 8 was fastest; 4-8 nodes cut acceptance, 16 costs more than it accepts.
+    max_nodes: int = 12  # hard cap on tree size (nodes, root excluded)
+    max_depth: int = 8  # longest root-to-leaf path
     branch_threshold: float = 0.3  # a candidate with draft probability above this opens a branch
     min_confidence: float = 0.0  # stop extending once every branch's confidence C_i is below this
 
@@ -137,7 +139,10 @@ class EngineOptions:
     providers: tuple[Any, ...] = ("cpu",)  # target: names/aliases in order of preference
     draft_providers: tuple[Any, ...] | None = None  # None: same as the target's
     threads: int = 0  # intra-op threads per session, 0: onnxruntime's default
-    draft_threads: int | None = None  # None: same as threads
+    # One thread for the draft by default: its single-token steps are too small to gain from a
+    # second thread (measured: 9 ms either way for SmolLM2 int8), which is better left to the
+    # target's verification pass.
+    draft_threads: int | None = 1  # None: same as threads
     inter_op_threads: int = 0
     graph_optimization: str = "all"  # disable | basic | extended | all
     max_context: int | None = None  # None: min(model max_position, 4096)
