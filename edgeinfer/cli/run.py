@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -15,7 +15,7 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 
 def _load(args: argparse.Namespace):
-    from .api import load
+    from ..api import load
 
     # With a memory budget, naming drafters decides whether the draft model is loaded at all.
     drafters = _csv(getattr(args, "drafter", None)) if args.memory_budget else None
@@ -27,7 +27,7 @@ def _load(args: argparse.Namespace):
 
 def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
     """Generation keyword options from the flags; None values leave the defaults."""
-    from .runtime.config import TreeBudget
+    from ..runtime.config import TreeBudget
 
     opts: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, mode=args.mode,
@@ -164,12 +164,12 @@ DEMO_PROMPT = "Write a short Python function that checks whether a number is pri
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the default bundle, plain decoding next to tree speculation."""
-    from .models import cache_dir
+    from ..models import cache_dir
 
     bundle = Path(args.bundle) if args.bundle else cache_dir() / "bundles" / "smollm2-135m-default"
     if not (bundle / "manifest.json").is_file():
-        from .cli import TqdmProgress
-        from .export.pipeline import default_pair_config, export_bundle
+        from . import TqdmProgress
+        from ..export.pipeline import default_pair_config, export_bundle
 
         print(f"exporting the default bundle to {bundle} ...", file=sys.stderr)
         progress = TqdmProgress(True)
@@ -199,9 +199,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Side-by-side benchmark (edgeinfer.bench): Markdown table, JSON of every run, plots."""
-    from .bench import run_benchmark, to_markdown, write_outputs
-    from .bench.cliargs import config_from_args
-    from .cli import TqdmProgress
+    from ..bench import run_benchmark, to_markdown, write_outputs
+    from ..bench.cliargs import config_from_args
+    from . import TqdmProgress
 
     config = config_from_args(args)
     progress = TqdmProgress(True)
@@ -259,7 +259,7 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     engine_args(sp)
     gen_args(sp, max_new=512)
 
-    from .bench.cliargs import add_bench_arguments
+    from ..bench.cliargs import add_bench_arguments
 
     sp = add("bench", cmd_bench, "Benchmark edgeinfer (plain, chain, tree, each drafter) side by side "
              "with llama.cpp, onnxruntime-genai and transformers; writes Markdown, JSON and PNG plots.")

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
-from .errors import EdgeInferError
+from .. import __version__
+from ..errors import EdgeInferError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -57,7 +57,7 @@ def _human_bytes(n: float) -> str:
 
 def _recipe(fmt: str, block: int, symmetric: bool = True, outlier: str = "none",
             keep: Sequence[str] = ()):
-    from .quant.recipe import QuantRecipe
+    from ..quant.recipe import QuantRecipe
 
     # The embedding follows the weight format (a tied LM head then shares one table) unless the
     # user keeps it at fp32 with --keep embed_tokens.weight.
@@ -71,7 +71,7 @@ def _recipe(fmt: str, block: int, symmetric: bool = True, outlier: str = "none",
 # -- commands -------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.pipeline import DraftFromTarget, ExportConfig, default_pair_config, export_bundle
+    from ..export.pipeline import DraftFromTarget, ExportConfig, default_pair_config, export_bundle
 
     if args.target is None and args.draft is None and args.draft_from_target is None and args.quant is None:
         from dataclasses import replace
@@ -101,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .export.pipeline import export_model
+    from ..export.pipeline import export_model
 
     progress = TqdmProgress(not args.quiet)
     try:
@@ -118,7 +118,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_path, report_to_json
+    from ..inspect import inspect_path, report_to_json
 
     report = inspect_path(args.path, tensors=True)
     if args.json:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tensors", action="store_true", help="list every tensor")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
-    from .cli_run import add_run_commands
+    from .run import add_run_commands
 
     add_run_commands(add)
     return p
