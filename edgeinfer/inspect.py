@@ -54,13 +54,10 @@ def inspect_path(path: str | Path, tensors: bool = True) -> InspectReport:
                      spec.vocab_size, quant="source")
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     info.files = {p.name: p.stat().st_size for p in files}
-    if tensors:
-        import numpy as np  # noqa: F401  (weights are only described, not loaded)
-
-        for name in ckpt.weights.names():
-            info.tensors.append(TensorInfo(name, ckpt.weights.source_type(name),
-                                           tuple(ckpt.weights.shape(name)) if hasattr(ckpt.weights, "shape") else (),
-                                           int(ckpt.weights.nbytes_on_disk(name))))
+    if tensors:  # described from the checkpoint's index: no weight is read
+        w = ckpt.weights
+        info.tensors = [TensorInfo(name, w.source_type(name), tuple(w.shape(name)), int(w.nbytes_on_disk(name)))
+                        for name in w.names()]
     return InspectReport(path, ckpt.kind, [info])
 
 

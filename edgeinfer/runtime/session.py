@@ -109,35 +109,13 @@ class ModelRunner:
         if n == 0:
             raise ValueError("ModelRunner.forward: no tokens given")
         s, L = self.num_scratch, self.cache.length
-        total = L + s + n
-        if total > self.max_context:
-            raise ContextLimitError(
-                f"{self.name}: {L} committed + {s} pending + {n} new tokens exceed the context "
-                f"limit of {self.max_context} tokens")
-        anc_new, depth_new = self._extend_tree(n, parents)
-        if self.cache.ensure(total) or self._bound_layout != self.cache.layout_version:
+        self._check_room(L, s, n)
+        if self.cache.ensure(L + s + n) or self._bound_layout != self.cache.layout_version:
             self._bind_past()
-        C = self.cache.capacity
-        rows = anc_new[s:]  # [n, s+n]
-        bias = np.full((1, 1, n, C + n), NEG, dtype=np.float32)
-        bias[0, 0, :, :L] = 0.0
-        if s:
-            bias[0, 0, :, L:L + s][rows[:, :s]] = 0.0
-        bias[0, 0, :, C:][rows[:, s:]] = 0.0
-        pos = (L + depth_new[s:]).reshape(1, n)
-        if logits_index is None:
-            li = np.arange(n, dtype=np.int64)
-        else:
-            li = np.asarray(logits_index, dtype=np.int64).reshape(-1)
-            if li.size == 0 or li.min() < 0 or li.max() >= n:
-                raise ValueError(f"ModelRunner.forward: logits_index {li.tolist()} not within [0, {n})")
+        anc_new, depth_new, step = self._tree_inputs(n, parents, logits_index, L, s)
         feed = self._feed
         feed["input_ids"] = ids
-        feed["position_ids"] = pos
-        feed["attention_bias"] = bias
-        feed["logits_index"] = li
-        if self._sliding:
-            feed["attention_bias_sliding"] = self._sliding_bias(bias, L, depth_new, s, n, C)
+        feed.update(step)
         t0 = time.perf_counter()
         out = self.session.run(self._out_names, feed)
         self.forward_seconds += time.perf_counter() - t0
@@ -145,6 +123,37 @@ class ModelRunner:
         self.cache.write_interleaved(L + s, out[1:])  # present_key.0, present_value.0, ...
         self._anc, self._depth = anc_new, depth_new
         return out[0][0]
+
+    def _check_room(self, L: int, s: int, n: int) -> None:
+        """ContextLimitError unless L committed + s scratch + n new tokens fit."""
+        if L + s + n > self.max_context:
+            raise ContextLimitError(
+                f"{self.name}: {L} committed + {s} pending + {n} new tokens exceed the context "
+                f"limit of {self.max_context} tokens")
+
+    def _tree_inputs(self, n: int, parents: Sequence[int] | None, logits_index: Sequence[int] | np.ndarray | None,
+                     L: int, s: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(ancestors, depths, graph inputs) for n new nodes after L committed and s scratch
+        nodes: position_ids [1, n], attention_bias [1, 1, n, C + n] over the cache capacity C
+        (and its sliding variant), logits_index [m]. The cache must already hold L + s + n."""
+        anc_new, depth_new = self._extend_tree(n, parents)
+        C = self.cache.capacity
+        rows = anc_new[s:]  # [n, s+n]
+        bias = np.full((1, 1, n, C + n), NEG, dtype=np.float32)
+        bias[0, 0, :, :L] = 0.0
+        if s:
+            bias[0, 0, :, L:L + s][rows[:, :s]] = 0.0
+        bias[0, 0, :, C:][rows[:, s:]] = 0.0
+        if logits_index is None:
+            li = np.arange(n, dtype=np.int64)
+        else:
+            li = np.asarray(logits_index, dtype=np.int64).reshape(-1)
+            if li.size == 0 or li.min() < 0 or li.max() >= n:
+                raise ValueError(f"{type(self).__name__}.forward: logits_index {li.tolist()} not within [0, {n})")
+        step = {"position_ids": (L + depth_new[s:]).reshape(1, n), "attention_bias": bias, "logits_index": li}
+        if self._sliding:
+            step["attention_bias_sliding"] = self._sliding_bias(bias, L, depth_new, s, n, C)
+        return anc_new, depth_new, step
 
     def _extend_tree(self, n: int, parents: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
         """Ancestor matrix bool [s+n, s+n] and depths int64 [s+n] after adding n nodes."""

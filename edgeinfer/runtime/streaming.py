@@ -34,13 +34,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BundleError, ConfigError, ContextLimitError
+from ..errors import BundleError, ConfigError
 from ..spec import ModelSpec
 from .kvcache import KVCache
 from .memory import current_usage, resolve_budget, return_freed_memory
 from .offload import FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes, plan_offload
 from .providers import CPU, ProviderReport
-from .session import NEG, ModelRunner
+from .session import ModelRunner
 from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph, load_shard_graph,
                            row_gather_weight, split_head)
 from .shard_io import (RowReader, StreamPart, StreamRing, WeightReader, aligned_buffer, file_stamp,
@@ -309,25 +309,10 @@ class StreamingRunner(ModelRunner):
                                  f"{self.max_nodes} this runner was planned for")
             return self._forward_chunked(ids[0], logits_index)
         s, L = self.num_scratch, self.cache.length
-        if L + s + n > self.max_context:
-            raise ContextLimitError(f"{self.name}: {L} committed + {s} pending + {n} new tokens exceed "
-                                    f"the context limit of {self.max_context} tokens")
-        anc_new, depth_new = self._extend_tree(n, parents)
+        self._check_room(L, s, n)
         self.cache.ensure(L + s + n)
-        C = self.cache.capacity
-        rows = anc_new[s:]
-        bias = np.full((1, 1, n, C + n), NEG, dtype=np.float32)
-        bias[0, 0, :, :L] = 0.0
-        if s:
-            bias[0, 0, :, L:L + s][rows[:, :s]] = 0.0
-        bias[0, 0, :, C:][rows[:, s:]] = 0.0
-        pos = (L + depth_new[s:]).reshape(1, n)
-        li = np.arange(n, dtype=np.int64) if logits_index is None else np.asarray(logits_index, np.int64).reshape(-1)
-        if li.size == 0 or li.min() < 0 or li.max() >= n:
-            raise ValueError(f"StreamingRunner.forward: logits_index {li.tolist()} not within [0, {n})")
-        std = {"input_ids": ids, "position_ids": pos, "attention_bias": bias, "logits_index": li}
-        if self._sliding:
-            std["attention_bias_sliding"] = self._sliding_bias(bias, L, depth_new, s, n, C)
+        anc_new, depth_new, step = self._tree_inputs(n, parents, logits_index, L, s)
+        std = {"input_ids": ids, **step}
         st = {"io": 0.0, "stall": 0.0, "compute": 0.0, "bytes": 0}
         try:
             acts: dict[str, np.ndarray] = {}
@@ -346,7 +331,7 @@ class StreamingRunner(ModelRunner):
                         self.cache.values[i][:, :, L + s:L + s + n] = val
                     else:
                         _store(acts, name, val)
-            logits = self._forward_head(std, acts, li, st)
+            logits = self._forward_head(std, acts, std["logits_index"], st)
         except BaseException:
             if self._ring is not None:
                 self._ring.restart()
