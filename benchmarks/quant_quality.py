@@ -39,6 +39,17 @@ for _fmt in ("int8", "int4", "fp8"):
         RECIPES[f"{_fmt}-b{_b}"] = dict(format=_fmt, block_size=_b)
 RECIPES["int4-b32-asym"] = dict(format="int4", block_size=32, symmetric=False)
 RECIPES["int8-b32-asym"] = dict(format="int8", block_size=32, symmetric=False)
+for _fmt in ("int8", "int4"):
+    RECIPES[f"{_fmt}-b32-affine"] = dict(format=_fmt, block_size=32, affine=True)
+    # float32 activations inside MatMulNBits (accuracy_level 0): the weights' error alone
+    RECIPES[f"{_fmt}-b32-affine-l0"] = dict(format=_fmt, block_size=32, affine=True,
+                                            accuracy_level=0)
+# int4 layers with the (Q8_0-sourced) tied embedding / LM head kept at int8
+RECIPES["int4-b32-affine-head8"] = dict(format="int4", block_size=32, affine=True,
+                                        keep=("lm_head.weight",), keep_format="int8")
+RECIPES["int4-b32-affine-head8-l0"] = dict(format="int4", block_size=32, affine=True,
+                                           keep=("lm_head.weight",), keep_format="int8",
+                                           accuracy_level=0)
 RECIPES["int4-b32-scale"] = dict(format="int4", block_size=32, outlier="scale")
 RECIPES["int4-b32-reorder"] = dict(format="int4", block_size=32, outlier="reorder")
 

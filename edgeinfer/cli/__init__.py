@@ -56,7 +56,7 @@ def _human_bytes(n: float) -> str:
 
 
 def _recipe(fmt: str, block: int, symmetric: bool = True, outlier: str = "none",
-            keep: Sequence[str] = ()):
+            keep: Sequence[str] = (), affine: bool = False, accuracy_level: int = 4):
     from ..quant.recipe import QuantRecipe
 
     # The embedding follows the weight format (a tied LM head then shares one table) unless the
@@ -64,8 +64,10 @@ def _recipe(fmt: str, block: int, symmetric: bool = True, outlier: str = "none",
     import fnmatch
 
     keep_embed = any(fnmatch.fnmatchcase("embed_tokens.weight", k) for k in keep)
+    affine = affine and fmt in ("int4", "int8")  # fp32/fp16/fp8 have no integer blocks
     return QuantRecipe(fmt, block_size=block, symmetric=symmetric, outlier=outlier, keep=tuple(keep),
-                       embed_format="fp32" if keep_embed else fmt)
+                       embed_format="fp32" if keep_embed else fmt, affine=affine,
+                       accuracy_level=accuracy_level)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -84,8 +86,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             out=Path(args.out), target=Path(args.target) if args.target else None,
             draft=Path(args.draft) if args.draft else None, draft_from_target=dft,
             target_recipe=_recipe(args.quant or "fp32", args.block_size, not args.asymmetric, args.outlier,
-                                  args.keep),
-            draft_recipe=_recipe(args.draft_quant, args.block_size, not args.asymmetric, args.outlier),
+                                  args.keep, args.affine, args.accuracy_level),
+            draft_recipe=_recipe(args.draft_quant, args.block_size, not args.asymmetric, args.outlier,
+                                 (), args.affine, args.accuracy_level),
             formats=tuple((args.formats or "onnx").split(",")), shards=args.shards, overwrite=args.force)
     progress = TqdmProgress(not args.quiet)
     try:
@@ -96,7 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for role, m in report.models.items():
         size = sum(m.files.values())
         print(f"  {role:6s} {m.spec.arch}, {m.spec.num_layers} layers, {m.recipe.format.value}"
-              f" (block {m.recipe.block_size}), {_human_bytes(size)} in {len(m.files)} files, {m.seconds:.1f} s")
+              f"{' affine' if m.recipe.affine else ''} (block {m.recipe.block_size}), {_human_bytes(size)} in {len(m.files)} files, {m.seconds:.1f} s")
     return 0
 
 
@@ -106,7 +109,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress = TqdmProgress(not args.quiet)
     try:
         report = export_model(Path(args.model), _recipe(args.quant, args.block_size, not args.asymmetric,
-                                                        args.outlier, args.keep),
+                                                        args.outlier, args.keep, args.affine,
+                                                        args.accuracy_level),
                               Path(args.out), tuple(args.formats.split(",")), overwrite=args.force,
                               progress=progress)
     finally:
@@ -162,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     def quant_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--block-size", type=int, default=32, help="block size for int4/int8/fp8 (default 32)")
         sp.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) int4/int8 blocks")
+        sp.add_argument("--affine", action="store_true",
+                        help="int4/int8 blocks with a float offset each (GGUF Q4_1 style); weights that "
+                             "already lie on a block grid (a quantized GGUF source) are kept exactly")
+        sp.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                        help="MatMulNBits accuracy_level of int4/int8 weights: 4 (default) quantizes "
+                             "activations to int8 inside the kernel (fast), 0 keeps them float32 (exact)")
         sp.add_argument("--outlier", choices=("none", "scale", "reorder"), default="none",
                         help="outlier-aware quantization (default none)")
         sp.add_argument("--keep", action="append", default=[], metavar="PATTERN",
@@ -170,11 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sp = add("export", cmd_export, "Export a target (+ draft) pair into a bundle. With no model "
-             "arguments: the default pair (SmolLM2-135M-Instruct fp32 target, derived int8 draft).")
+             "arguments: the default pair (SmolLM2-135M-Instruct fp32 target, derived int4 affine draft).")
     sp.add_argument("--target", help="target checkpoint: Hugging Face folder or .gguf file")
     sp.add_argument("--draft", help="draft checkpoint sharing the target's tokenizer")
     sp.add_argument("--draft-from-target", metavar="SPEC",
-                    help="derive the draft from the target: 'int4', 'layers=8', 'layers=8,quant=int8,block=64'")
+                    help="derive the draft from the target: 'int4', 'layers=8', 'layers=8,quant=int8,block=64', "
+                         "'int4,affine,head=int8' (the default pair's)")
     sp.add_argument("--quant", choices=("fp32", "fp16", "int8", "int4", "fp8"),
                     help="target weight format (default fp32)")
     sp.add_argument("--draft-quant", choices=("fp32", "fp16", "int8", "int4", "fp8"), default="int4",

@@ -161,10 +161,12 @@ def _gguf_name(rules: ArchRules, canonical: str) -> str:
 def plan_tensors(spec: ModelSpec, recipe: QuantRecipe, rules: ArchRules,
                  int4_type: str | None = None) -> list[_Planned]:
     """The GGUF tensors for ``spec`` under ``recipe``, in file order."""
+    symmetric = recipe.symmetric and not recipe.affine  # affine int4 is Q4_1's own scheme
+
     def encoding(name: str, shape: tuple[int, ...], fmt: WeightFormat | None = None) -> GgufEncoding:
         req = encoding_for_format(fmt or recipe.format_for(name), block_size=recipe.block_size,
-                                  symmetric=recipe.symmetric, int4_type=int4_type)
-        return encoding_for_shape(req, shape, symmetric=recipe.symmetric)
+                                  symmetric=symmetric, int4_type=int4_type)
+        return encoding_for_shape(req, shape, symmetric=symmetric)
 
     out: list[_Planned] = []
     for name in spec.tensor_names():
@@ -287,7 +289,8 @@ def write_gguf(spec: ModelSpec, get_weight: GetWeight, tokenizer: TokenizerInfo,
     extra: list[tuple[str, np.ndarray]] = []
     if spec.rope.scaling_type == "llama3":
         extra.append((TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(spec.rope)))
-    main = encoding_for_format(recipe.format, symmetric=recipe.symmetric, int4_type=int4_type)
+    main = encoding_for_format(recipe.format, symmetric=recipe.symmetric and not recipe.affine,
+                               int4_type=int4_type)
     notes = list(vocab.notes)
     for p in plan:
         if p.encoding.note and p.encoding.note not in notes:

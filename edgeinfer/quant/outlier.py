@@ -18,6 +18,8 @@ worse than plain block quantization on that proxy.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..errors import QuantizationError
@@ -61,23 +63,20 @@ def _proxy_error(w: np.ndarray, qt: QuantizedTensor, weight2: np.ndarray) -> flo
 
 
 def quantize_scaled(w: np.ndarray, fmt: WeightFormat, block_size: int, symmetric: bool,
-                    input_scale: np.ndarray) -> QuantizedTensor:
+                    input_scale: np.ndarray, affine: bool = False) -> QuantizedTensor:
     """Quantize ``W / input_scale`` (columns; input_scale float32 [K], powers of two)."""
     m = np.asarray(input_scale, dtype=np.float32)
-    qt = quantize(w / m, fmt, block_size, symmetric)
-    return QuantizedTensor(qt.format, qt.block_size, qt.symmetric, qt.q, qt.scales,
-                           qt.zero_points, qt.shape, input_scale=m)
+    return replace(quantize(w / m, fmt, block_size, symmetric, affine), input_scale=m)
 
 
 def quantize_permuted(w: np.ndarray, fmt: WeightFormat, block_size: int, symmetric: bool,
-                      perm: np.ndarray) -> QuantizedTensor:
+                      perm: np.ndarray, affine: bool = False) -> QuantizedTensor:
     """Quantize ``W[:, perm]`` (perm int64 [K], a permutation of range(K))."""
     p = np.asarray(perm, dtype=np.int64)
     if p.shape != (w.shape[1],) or not np.array_equal(np.sort(p), np.arange(w.shape[1])):
         raise QuantizationError(f"perm: not a permutation of range({w.shape[1]})")
-    qt = quantize(np.ascontiguousarray(w[:, p]), fmt, block_size, symmetric)
-    return QuantizedTensor(qt.format, qt.block_size, qt.symmetric, qt.q, qt.scales,
-                           qt.zero_points, qt.shape, input_perm=p)
+    return replace(quantize(np.ascontiguousarray(w[:, p]), fmt, block_size, symmetric, affine),
+                   input_perm=p)
 
 
 def scale_candidates(w: np.ndarray, act_rms: np.ndarray | None = None) -> list[np.ndarray]:
@@ -104,11 +103,12 @@ def reorder_permutation(w: np.ndarray, act_rms: np.ndarray | None = None) -> np.
 
 
 def quantize_outlier_aware(w: np.ndarray, fmt: WeightFormat, block_size: int, symmetric: bool,
-                           mode: str, act_rms: np.ndarray | None = None) -> QuantizedTensor:
+                           mode: str, act_rms: np.ndarray | None = None,
+                           affine: bool = False) -> QuantizedTensor:
     """Block-quantize w float32 [N, K] with outlier handling ``mode`` ("none" | "scale" |
     "reorder"); act_rms: optional float [K] RMS of each input channel over calibration data."""
     w = np.asarray(w, dtype=np.float32)
-    plain = quantize(w, fmt, block_size, symmetric)
+    plain = quantize(w, fmt, block_size, symmetric, affine)
     if mode == "none":
         return plain
     if w.ndim != 2:
@@ -117,9 +117,10 @@ def quantize_outlier_aware(w: np.ndarray, fmt: WeightFormat, block_size: int, sy
     weight2 = a * a if a is not None else np.ones(w.shape[1])
     best, best_err = plain, _proxy_error(w, plain, weight2)
     if mode == "scale":
-        tried = [quantize_scaled(w, fmt, block_size, symmetric, m) for m in scale_candidates(w, a)]
+        tried = [quantize_scaled(w, fmt, block_size, symmetric, m, affine)
+                 for m in scale_candidates(w, a)]
     elif mode == "reorder":
-        tried = [quantize_permuted(w, fmt, block_size, symmetric, reorder_permutation(w, a))]
+        tried = [quantize_permuted(w, fmt, block_size, symmetric, reorder_permutation(w, a), affine)]
     else:
         raise QuantizationError(f"outlier: {mode!r} is not one of ('none', 'scale', 'reorder')")
     for qt in tried:

@@ -46,6 +46,9 @@ class QuantRecipe:
     format: WeightFormat = WeightFormat.FP32
     block_size: int = 32
     symmetric: bool = True
+    # Affine int blocks: a float offset per block (GGUF Q4_1 style) and exact re-encoding of
+    # weights that already lie on a block grid (a dequantized GGUF); needs symmetric=True.
+    affine: bool = False
     # Outlier handling for block formats: "scale" folds a per-input-channel scale into the
     # weight (and its inverse into the activation), "reorder" permutes input channels so that
     # outlier channels share blocks. "none" is plain block quantization.
@@ -63,6 +66,9 @@ class QuantRecipe:
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.block_size not in BLOCK_SIZES:
             raise QuantizationError(f"block_size: {self.block_size} is not one of {BLOCK_SIZES}")
+        if self.affine and (not self.symmetric or self.format is WeightFormat.FP8):
+            raise QuantizationError("affine: needs symmetric=True and an int4/int8 format (the "
+                                    "per-block offset replaces the zero point)")
         if self.outlier not in OUTLIER_MODES:
             raise QuantizationError(f"outlier: {self.outlier!r} is not one of {OUTLIER_MODES}")
         if self.accuracy_level not in ACCURACY_LEVELS:

@@ -21,11 +21,13 @@ def quantize_weight(w: np.ndarray, fmt: WeightFormat, recipe: QuantRecipe,
         raise QuantizationError(f"quantize_weight: format {fmt.value!r} is not block-quantized "
                                 "(fp32/fp16 weights are stored as plain tensors)")
     symmetric = True if fmt is WeightFormat.FP8 else recipe.symmetric
-    return quantize_outlier_aware(w, fmt, recipe.block_size, symmetric, recipe.outlier, act_rms)
+    affine = recipe.affine and fmt is not WeightFormat.FP8
+    return quantize_outlier_aware(w, fmt, recipe.block_size, symmetric, recipe.outlier, act_rms,
+                                  affine=affine)
 
 
 def bytes_on_disk(fmt: WeightFormat, shape: tuple[int, int], block_size: int = 32,
-                  symmetric: bool = True, outlier: str = "none") -> int:
+                  symmetric: bool = True, outlier: str = "none", affine: bool = False) -> int:
     """Bytes of the ONNX initializers :func:`encode_linear` writes for a weight of ``shape``
     (N, K) in ``fmt`` (bias excluded; a few bytes of shape constants ignored)."""
     fmt = WeightFormat.parse(fmt)
@@ -45,19 +47,21 @@ def bytes_on_disk(fmt: WeightFormat, shape: tuple[int, int], block_size: int = 3
     total = n * nb * block_size * bits // 8 + 4 * n * nb  # codes (ragged tail padded) + scales
     if fmt is not WeightFormat.FP8 and not symmetric:
         total += n * (-(-nb * bits // 8))  # packed zero points
+    if affine and fmt is not WeightFormat.FP8:
+        total += 4 * n * nb  # float32 block offsets
     total += {"none": 0, "scale": 4 * k, "reorder": 8 * k}[outlier]
     return total
 
 
 def bits_per_weight(fmt: WeightFormat, shape: tuple[int, int], block_size: int = 32,
-                    symmetric: bool = True, outlier: str = "none") -> float:
-    """Average stored bits per weight element, scales/zero points/padding included."""
+                    symmetric: bool = True, outlier: str = "none", affine: bool = False) -> float:
+    """Average stored bits per weight element, scales/zero points/offsets/padding included."""
     n, k = shape
-    return 8.0 * bytes_on_disk(fmt, shape, block_size, symmetric, outlier) / (n * k)
+    return 8.0 * bytes_on_disk(fmt, shape, block_size, symmetric, outlier, affine) / (n * k)
 
 
 def quantized_nbytes(qt: QuantizedTensor) -> int:
     """Bytes on disk of an already quantized tensor (same count as :func:`bytes_on_disk`)."""
     outlier = "scale" if qt.input_scale is not None else (
         "reorder" if qt.input_perm is not None else "none")
-    return bytes_on_disk(qt.format, qt.shape, qt.block_size, qt.symmetric, outlier)
+    return bytes_on_disk(qt.format, qt.shape, qt.block_size, qt.symmetric, outlier, qt.affine)
