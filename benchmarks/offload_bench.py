@@ -8,8 +8,9 @@ a fresh process inside a fresh cgroup (page cache counted), caches dropped befor
 
 * llama.cpp  - llama-cpp-python, F32 GGUF of the same weights, default mmap, 2 threads
 * plain      - edgeinfer plain greedy decoding, target streamed from per-layer shards
-* tree       - edgeinfer token-tree speculation (resident int4 draft) with streaming and the
-               compute-IO pipeline (the draft keeps drafting while the target verifies)
+* tree       - edgeinfer token-tree speculation (resident draft, ``--draft`` spec, default int4)
+               with streaming and the compute-IO pipeline (the draft keeps drafting while the
+               target verifies)
 
 Reported: decode tokens/s and ratios, cgroup peak vs cap, OOM kills, tokens per verification,
 bytes streamed per pass, I/O vs compute time per pass, resident layers, agreement with plain
@@ -35,18 +36,18 @@ MiB = 2**20
 
 # -- preparation (outside any cap) ----------------------------------------------------------
 
-def prepare(work: Path) -> dict:
+def prepare(work: Path, draft_spec: str = "int4") -> dict:
     from edgeinfer.bundle import load_manifest
     from edgeinfer.models import default_model_path
 
     work.mkdir(parents=True, exist_ok=True)
-    bundle = work / "bundle"
+    bundle = work / ("bundle-" + "".join(c if c.isalnum() else "_" for c in draft_spec))
     if not (bundle / "manifest.json").is_file():
         from edgeinfer.export.pipeline import DraftFromTarget, ExportConfig, export_bundle
         from edgeinfer.quant.recipe import QuantRecipe, WeightFormat
 
-        # the draft: the target's weights in int4 (embedding too, so that it stays small)
-        draft = DraftFromTarget(QuantRecipe(WeightFormat.INT4, block_size=32, embed_format=WeightFormat.INT4))
+        # the draft: the target's weights in int4 (embedding/head too, so that it stays small)
+        draft = DraftFromTarget.parse(draft_spec)
         config = ExportConfig(out=bundle, target=default_model_path(), draft_from_target=draft,
                               target_recipe=QuantRecipe(WeightFormat.FP32), shards=True, overwrite=True)
         try:
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ahead", type=int, default=8, help="draft steps speculated during a verification")
     p.add_argument("--fallback", action="store_true", help="LLMCad self-adjusting fallback (default: fixed tree budget)")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--draft", default="int4", help="--draft-from-target spec of the resident draft (int4,affine "
+                   "agrees far better but needs ~170 MiB resident: too much for the 2x cap)")
     # worker arguments
     p.add_argument("--method")
     p.add_argument("--bundle")
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgeinfer.models import cache_dir
 
     work = a.work or cache_dir() / "bench" / "offload"
-    info = prepare(work)
+    info = prepare(work, a.draft)
     bw = disk_bandwidth(Path(info["bundle"]))
     print(f"disk read bandwidth (caches dropped): O_DIRECT {bw['o_direct_MBps']:.0f} MB/s, "
           f"buffered {bw['buffered_MBps']:.0f} MB/s; target {info['target_bytes'] / 1e6:.0f} MB", flush=True)
