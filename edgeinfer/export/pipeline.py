@@ -68,7 +68,7 @@ class DraftFromTarget:
         # The embedding table follows the weights' format: for a tied model the LM head and the
         # embedding then share one quantized table.
         fmt = WeightFormat.parse(fmt)
-        if affine and not fmt.is_block_quantized or fmt is WeightFormat.FP8 and affine:
+        if affine and fmt not in (WeightFormat.INT4, WeightFormat.INT8):
             raise ConfigError(f"--draft-from-target: affine needs quant=int4 or int8, got {fmt.value}")
         keep = ("lm_head.weight",) if head is not None else ()
         embed = head or fmt
