@@ -1,4 +1,4 @@
-"""The lossless invariant on the real default pair (SmolLM2-135M-Instruct fp32 target, int8
+"""The lossless invariant on the real default pair (SmolLM2-135M-Instruct fp32 target, int4 affine
 draft): for varied prompts, every drafter, tree and chain, greedy speculative output equals
 the plain greedy output of the same target (DESIGN.md section 5: identical tokens, or at the
 first difference the target's top-2 logits are within 1e-3 relative)."""
