@@ -4,8 +4,9 @@ References: transformers loading the *source* GGUF itself (dequantized to float3
 edgeinfer code), and our ONNX export at the matching precision. Our GGUFs are written from
 edgeinfer's reader (``load_checkpoint``). Greedy agreement rule (DESIGN.md section 5):
 identical tokens, or at the first difference the reference's top-2 logits are within 1e-3
-relative. Q8_0 in llama.cpp also quantizes activations to 8 bits, so it is held to a
-teacher-forced top-1 agreement instead (measured numbers in each test).
+relative. Q8_0 in llama.cpp also quantizes activations to 8 bits: against the fp32 model it is
+held to a teacher-forced top-1 agreement; against our int8 ONNX export of the same Q8_0 weights
+(8-bit activations too) to the near-tie rule with the margin of 8-bit activations.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from edgeinfer.export.checkpoint import load_checkpoint
 from edgeinfer.export.gguf_writer import write_gguf
 from edgeinfer.models import default_model_path
 from edgeinfer.quant.recipe import QuantRecipe
+from edgeinfer.runtime import reference_decode as rd
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 torch = pytest.importorskip("torch")
@@ -157,33 +159,78 @@ def test_smollm2_gguf_reads_back(smol):
         np.testing.assert_array_equal(back.weights.get(name), want, err_msg=name)
 
 
-def test_smollm2_gguf_agrees_with_our_onnx(smol):
+def _onnx_logits_at(sess, spec, ids, ref):
+    """The ONNX model's logits before token i of ``ref`` (a fresh prefill of ids + ref[:i])."""
+    def at(i):
+        pre = ids + ref[:i]
+        return rd.run_tree(sess, spec, rd.empty_kv(spec), pre, list(range(-1, len(pre) - 1)), 0,
+                           logits_index=[len(pre) - 1]).logits[-1]
+    return at
+
+
+def test_smollm2_f16_gguf_agrees_with_our_fp16_onnx(smol):
     onnx_builder = pytest.importorskip("edgeinfer.export.onnx_builder")
-    rd = pytest.importorskip("edgeinfer.runtime.reference_decode")
     ckpt, tmp = smol["ckpt"], smol["tmp"]
-    for fmt in ("fp16", "int8"):
-        onnx = onnx_builder.build_model_onnx(ckpt.spec, ckpt.weights.get, QuantRecipe(fmt, embed_format=fmt),
-                                             tmp / f"{fmt}.onnx").path
-        sess = rd.make_session(onnx, threads=2)
-        llm = _llm(smol["files"][fmt].path)
-        rates = []
-        for ids in smol["prompts"]:
-            ref = rd.greedy_decode_session(sess, ckpt.spec, ids, N_NEW, smol["eos"])
+    onnx = onnx_builder.build_model_onnx(ckpt.spec, ckpt.weights.get, QuantRecipe("fp16", embed_format="fp16"),
+                                         tmp / "fp16.onnx").path
+    sess = rd.make_session(onnx, threads=2)
+    llm = _llm(smol["files"]["fp16"].path)
+    for ids in smol["prompts"]:
+        ref = rd.greedy_decode_session(sess, ckpt.spec, ids, N_NEW, smol["eos"])
+        ok, why = near_tie_agree(llama_greedy(llm, ids, smol["eos"]), ref, _onnx_logits_at(sess, ckpt.spec, ids, ref))
+        assert ok, why  # measured: identical on all four prompts
 
-            def onnx_logits_at(i, ids=ids, ref=ref):
-                pre = ids + ref[:i]
-                return rd.run_tree(sess, ckpt.spec, rd.empty_kv(ckpt.spec), pre, list(range(-1, len(pre) - 1)),
-                                   0, logits_index=[len(pre) - 1]).logits[-1]
 
-            if fmt == "fp16":
-                ok, why = near_tie_agree(llama_greedy(llm, ids, smol["eos"]), ref, onnx_logits_at)
-                assert ok, why  # measured: identical on all four prompts
-            else:
-                rates.append(teacher_forced_agreement(llm, ids, ref))
-        if fmt == "int8":
-            # ONNX int8 (fp32 block scales, fp32 activations) vs llama.cpp Q8_0 (fp16 scales,
-            # 8-bit activations); measured greedy first differences at 0..19 tokens.
-            assert min(rates) >= 0.8 and np.mean(rates) >= 0.88, rates
+# Near-tie margin where BOTH sides quantize activations to 8 bits per 32-block (llama.cpp's
+# Q8_0 x Q8_0 dot products; MatMulNBits at accuracy_level 4), each rounding differently: measured
+# on SmolLM2 the two int8 kernels' logits differ by 0.97 (median over positions of the largest
+# difference over the vocabulary, up to 2.7), about 5e-2 of the top logit, so a relative top-2
+# gap below 2.5e-2 is a numeric tie at this precision (fp32/fp16 keep DESIGN.md's 1e-3).
+INT8_ACTIVATION_MARGIN = 2.5e-2
+
+
+def test_smollm2_q8_0_gguf_agrees_with_our_int8_onnx(smol):
+    """Same weights on both sides: our ONNX int8 export *of our Q8_0 GGUF* (affine int8 blocks
+    hold the Q8_0 grid exactly) against llama.cpp running that GGUF with an f32 KV cache (ours
+    is f32; llama.cpp's default f16 cache adds its own rounding). Greedy output: identical or a
+    first difference at a near-tie; teacher-forced along our greedy output, every position
+    where llama.cpp's argmax differs is a near-tie too."""
+    onnx_builder = pytest.importorskip("edgeinfer.export.onnx_builder")
+    from edgeinfer.quant.recipe import WeightFormat
+
+    tmp = smol["tmp"]
+    q8 = load_checkpoint(smol["files"]["int8"].path)
+    recipe = QuantRecipe(WeightFormat.INT8, affine=True, embed_format=WeightFormat.INT8)
+    onnx = onnx_builder.build_model_onnx(q8.spec, q8.weights.get, recipe, tmp / "q8_0_int8.onnx").path
+    sess = rd.make_session(onnx, threads=2)
+    llm = _llm(smol["files"]["int8"].path, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    identical, same, positions = 0, 0, 0
+    for ids in smol["prompts"]:
+        ref = rd.greedy_decode_session(sess, q8.spec, ids, N_NEW, smol["eos"])
+        theirs = llama_greedy(llm, ids, smol["eos"])
+        i = next((k for k, (a, b) in enumerate(zip(theirs, ref)) if a != b), None)
+        if i is None:
+            assert theirs == ref
+            identical += 1
+        else:
+            top = np.sort(_onnx_logits_at(sess, q8.spec, ids, ref)(i))[::-1]
+            gap = (top[0] - top[1]) / abs(top[0])
+            assert gap <= INT8_ACTIVATION_MARGIN, f"first difference at {i}: our top-2 gap {gap:.1e}"
+        seq = ids + ref
+        ours = rd.run_tree(sess, q8.spec, rd.empty_kv(q8.spec), seq, list(range(-1, len(seq) - 1)), 0,
+                           logits_index=list(range(len(ids) - 1, len(seq) - 1))).logits
+        llm.reset()
+        llm.eval(seq)
+        their_logits = np.array(llm.scores[len(ids) - 1: len(seq) - 1])
+        for k in np.flatnonzero(ours.argmax(-1) != their_logits.argmax(-1)):
+            a, b = int(ours[k].argmax()), int(their_logits[k].argmax())
+            gap = (ours[k, a] - ours[k, b]) / abs(ours[k, a])
+            assert gap <= INT8_ACTIVATION_MARGIN, f"position {k}: tokens {a} vs {b}, our gap {gap:.1e}"
+        same += int((ours.argmax(-1) == their_logits.argmax(-1)).sum())
+        positions += len(ref)
+    # measured: 2 of 4 prompts identical (32 tokens or EOS), the others first differ at near-ties;
+    # teacher-forced 0.88 / 0.93 / 1.0 / 0.94 of positions agree, every other one a near-tie
+    assert identical >= 2 and same / positions >= 0.9, (identical, same, positions)
 
 
 GEMMA_TEXTS = ["The capital of France is", "def fibonacci(n):\n    ",
