@@ -141,3 +141,62 @@ def test_return_freed_memory_on_glibc():
     ok = memory.return_freed_memory()
     if platform.libc_ver()[0] == "glibc":
         assert ok
+
+
+def _cached_pages(path) -> int:
+    """Pages of ``path`` in the page cache (mincore over a fresh shared mapping)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size, page = os.path.getsize(path), os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        vec = (ctypes.c_ubyte * (-(-size // page)))()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        return sum(v & 1 for v in vec)
+    finally:
+        os.close(fd)
+
+
+def test_lock_pages_on_fault_drops_the_files_page_cache(tmp_path):
+    """Loading read the whole file; afterwards only what is touched again may stay charged."""
+    import mmap
+    import platform
+
+    if platform.machine() not in ("x86_64", "aarch64") or os.geteuid() != 0:
+        pytest.skip("mlock2 needs Linux on x86_64/aarch64 and root")
+    f = tmp_path / "weights.bin"
+    data = os.urandom(4 << 20)
+    with open(f, "wb") as out:  # written and flushed: clean pages, as a bundle's files are
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    pages = (4 << 20) // os.sysconf("SC_PAGE_SIZE")
+    with open(f, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        assert m[:] == data  # read it all, as a session loading its weights does
+        assert _cached_pages(f) == pages
+        assert memory.lock_pages_on_fault(f) >= len(data)
+        assert _cached_pages(f) < pages // 8
+        assert m[:4096] == data[:4096]  # what is touched again comes back
+        m.close()
+
+
+def test_trim_heap_gives_freed_heap_back():
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    memory.trim_heap()
+    keep = bytearray(64)  # noqa: F841 - a live block above the freed ones
+    junk = [bytearray(1 << 15) for _ in range(1024)]  # 32 MiB in blocks below the mmap threshold
+    keep2 = bytearray(64)  # pins the heap top so that free() alone cannot shrink it
+    before = memory.process_rss()
+    del junk
+    assert memory.trim_heap()
+    assert memory.process_rss() < before - (16 << 20)
+    del keep2

@@ -6,6 +6,7 @@ planned from what is left (see offload.py for the planner, streaming.py for the 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..bundle import Manifest
 from ..errors import BundleError
 from .config import EngineOptions, GenerationConfig
 from .engine import Engine
-from .memory import current_usage, lock_pages_on_fault, resolve_budget
+from .memory import current_usage, lock_pages_on_fault, resolve_budget, trim_heap
 from .offload import activation_bytes, check_draft_fits, kv_bytes
 from .session import ModelRunner
 from .streaming import ShardPaths, StreamingRunner, target_floor_bytes
@@ -24,6 +25,24 @@ from .tokenizer import Tokenizer
 DEFAULT_OFFLOAD_CONTEXT = 1024
 
 
+def resident_draft_settings(settings: Any) -> Any:
+    """The draft's session settings next to a streamed target: no arena, so a pass's buffers are
+    freed after it instead of being kept at their largest (see SessionSettings.memory_arena)."""
+    from .providers import SessionSettings
+
+    return dataclasses.replace(settings or SessionSettings(intra_op_threads=1), memory_arena=False)
+
+
+def draft_reserve_bytes(spec: Any, max_context: int, max_nodes: int) -> int:
+    """What the resident draft still allocates after loading: its KV cache as the context grows;
+    the buffers of the passes it runs while a target pass is under way (no arena, so they are
+    freed after each pass; the pipeline's steps are one node, a catch-up after a rejection a few:
+    8 bound them); and its per-node distributions (float32 [vocab] per expanded node, sampling
+    only; at most one per tree node)."""
+    return (kv_bytes(spec, max_context) + activation_bytes(spec, min(max_nodes, 8), max_context, 0)
+            + max_nodes * spec.vocab_size * 4)
+
+
 def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, opts: EngineOptions,
                           defaults: GenerationConfig | None, drafters: tuple[str, ...] | None,
                           draft_settings: Any, target_threads: int) -> Engine:
@@ -32,6 +51,7 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         raise BundleError(f"{root / 'manifest.json'}: memory_budget needs per-layer target shards; "
                           "export the bundle with --shards")
     spec = target.spec
+    trim_heap()  # what loading the tokenizer left behind, before anything is measured
     ctx = opts.max_context or min(spec.max_position, DEFAULT_OFFLOAD_CONTEXT)
     nodes = opts.offload_tree_nodes + 1
     budget = resolve_budget(opts.memory_budget)
@@ -51,13 +71,15 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         check_draft_fits(budget.bytes, current_usage(), data.stat().st_size if data.exists() else
                          path.stat().st_size, extra, target_floor_bytes(shards, spec, budget.bytes, ctx, nodes))
         draft = ModelRunner(path, d, opts.draft_providers or opts.providers, max_context=ctx,
-                            settings=draft_settings, kv_block=opts.kv_block, name="draft")
+                            settings=resident_draft_settings(draft_settings), kv_block=opts.kv_block,
+                            name="draft")
         if data.exists():
             lock_pages_on_fault(str(data))  # keep only the pages the draft really reads again
-        draft.forward(list(range(nodes)))  # grow its arena to a full tree pass now, inside the plan
+        draft.forward(list(range(nodes)))  # fault in what a pass reads, inside the measured baseline
         draft.reset()
+        trim_heap()  # what session creation and pre-packing freed
         available["model"], runners["draft"] = ModelDrafter(draft), draft
-        reserve = kv_bytes(d, ctx) + (nodes + 16) * d.vocab_size * 4  # KV growth + draft distributions
+        reserve = draft_reserve_bytes(d, ctx, nodes)
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve)
     from .drafters.ngram import NgramDrafter

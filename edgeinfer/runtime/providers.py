@@ -70,6 +70,10 @@ class SessionSettings:
     inter_op_threads: int = 0
     graph_optimization: str = "all"  # disable | basic | extended | all
     log_severity: int = 3  # onnxruntime's own log: 0 verbose .. 4 fatal
+    # onnxruntime's CPU arena keeps the largest pass's buffers (it grows in powers of two);
+    # off, they are freed after each run. Measured for the SmolLM2 int4 affine draft: +33 MB
+    # kept after a 25-node pass with the arena, +9 MB without, same step time (9.1 ms).
+    memory_arena: bool = True
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPT_LEVELS:
@@ -86,6 +90,7 @@ class SessionSettings:
         so.inter_op_num_threads = self.inter_op_threads
         so.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
         so.log_severity_level = self.log_severity
+        so.enable_cpu_mem_arena = self.memory_arena
         return so
 
 
