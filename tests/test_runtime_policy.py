@@ -127,3 +127,53 @@ def test_expensive_verification_grows_bigger_trees():
 
     # Stops when .9**n / .005 s < (E + 1) / (n * .005 s + verify_s), E = sum_k .9**k
     assert [size_at_stop(v) for v in (0.001, 0.02, 0.2, 2.0)] == [1, 7, 19, 37]
+
+
+class _Timed:
+    """Stands for a target that measures its passes (StreamingRunner.verify_cost)."""
+
+    def __init__(self, fixed, per_node):
+        self.cost = (fixed, per_node)
+
+    def verify_cost(self):
+        return self.cost
+
+
+class _Drafter:
+    step_seconds = 0.005
+
+
+def test_make_policy_picks_by_target_and_config():
+    from edgeinfer.runtime.config import FallbackConfig, GenerationConfig
+    from edgeinfer.runtime.policy import make_policy
+
+    auto = GenerationConfig(tree=TreeBudget(max_nodes=64))
+    assert type(make_policy(auto, object(), _Drafter())) is FallbackPolicy  # resident target
+    streamed = make_policy(auto, _Timed(0.2, 0.0), _Drafter())
+    assert isinstance(streamed, CostAwarePolicy) and streamed.base.max_nodes == 64
+    forced = GenerationConfig(fallback=FallbackConfig(policy="llmcad"))
+    assert type(make_policy(forced, _Timed(0.2, 0.0), _Drafter())) is FallbackPolicy
+    cost = make_policy(GenerationConfig(fallback=FallbackConfig(policy="cost")), object(), None)
+    assert isinstance(cost, CostAwarePolicy)
+    cost.refresh()  # no cost source: stays on the alpha rule
+    assert cost.verify_s is None
+    with pytest.raises(ConfigError, match="FallbackConfig.policy"):
+        FallbackConfig(policy="greedy")
+
+
+def test_attached_costs_are_read_before_each_tree():
+    target, drafter = _Timed(0.0, 0.0), _Drafter()
+    pol = CostAwarePolicy(TreeBudget(max_nodes=64))
+    pol.attach(target.verify_cost, lambda: drafter.step_seconds)
+    pol.refresh()
+    assert pol.verify_s is None  # nothing measured yet
+    target.cost = (0.2, 0.001)
+    pol.refresh()
+    assert (pol.verify_s, pol.draft_step_s, pol.verify_per_node_s) == (0.2, 0.005, 0.001)
+    # an expensive streamed verification: a .9-confidence chain keeps growing past 7 nodes
+    assert not pol.should_verify(chain([0.9] * 7))
+    drafter.step_seconds = None  # a drafter that does not measure steps counts as nearly free
+    pol.refresh()
+    from edgeinfer.runtime.policy import CHEAP_DRAFT_STEP_S
+
+    assert pol.draft_step_s == CHEAP_DRAFT_STEP_S

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 
 Mode = Literal["auto", "plain", "chain", "tree"]
+FALLBACK_POLICIES = ("auto", "llmcad", "cost")
 MODES = ("auto", "plain", "chain", "tree")
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -73,15 +74,23 @@ class TreeBudget:
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    """LLMCad self-adjusting fallback: verify once the tree confidence drops below alpha."""
+    """When to stop drafting and verify (runtime/policy.py). ``policy``: "llmcad" verifies once
+    the tree confidence drops below alpha (LLMCad's self-adjusting fallback); "cost" keeps
+    drafting while a further draft step is expected to raise tokens per second, from the
+    measured cost of a verification and of a draft step (trees grow when verifying is
+    expensive, e.g. a target streamed from storage); "auto" is "cost" for a streamed target and
+    "llmcad" otherwise."""
 
     enabled: bool = True
     alpha_init: float = 0.01
+    policy: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"FallbackConfig.enabled must be true or false, got {self.enabled!r}")
         _float("FallbackConfig", "alpha_init", self.alpha_init, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.policy not in FALLBACK_POLICIES:
+            raise ConfigError(f"FallbackConfig.policy must be one of {list(FALLBACK_POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)

@@ -308,9 +308,9 @@ class Engine:
         produced = 1
         policy = pipe = None
         if mode != "plain" and cfg.fallback.enabled:
-            from .policy import FallbackPolicy
+            from .policy import make_policy
 
-            policy = FallbackPolicy.from_config(cfg)
+            policy = make_policy(cfg, runner, drafter)
         if mode != "plain" and self.pipeline and hasattr(drafter, "speculate"):
             from .pipeline import PipelinedSpeculator
 
@@ -325,6 +325,8 @@ class Engine:
                 if mode == "plain" or depth_cap <= 0:
                     result = target_step(context, empty)
                 else:
+                    if policy is not None and hasattr(policy, "refresh"):
+                        policy.refresh()  # cost-aware: the latest measured costs
                     budget = policy.budget() if policy is not None else cfg.tree
                     budget = dataclasses.replace(
                         budget, max_nodes=min(budget.max_nodes, room), max_depth=min(budget.max_depth, depth_cap),

@@ -26,19 +26,27 @@ the distinct parents), n nodes and t = S * t_draft + t_verify + n * t_node, a ro
 (E + 1) / t tokens per second; one more step adds at most kappa * T_c tokens for
 t_draft + t_node seconds, so it verifies when kappa * T_c / (t_draft + t_node) < (E + 1) / t.
 An expensive verification makes the right side small and the tree grows (up to the caps); a
-cheap one makes trees small. Until costs are set it behaves as FallbackPolicy.
+cheap one makes trees small. Until costs are set it behaves as FallbackPolicy. ``attach`` gives
+it live sources (the target's ``verify_cost()``, the drafter's ``step_seconds``) that
+``refresh()`` reads before each tree; the engine does this for a streamed target.
+
+``make_policy(config, target, drafter)`` picks the policy of a GenerationConfig.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
 from .config import TreeBudget
 from .drafters.base import node_confidences, tree_confidence
 from .tree import TokenTree
 
-__all__ = ["FallbackPolicy", "CostAwarePolicy", "best_branch"]
+__all__ = ["FallbackPolicy", "CostAwarePolicy", "best_branch", "make_policy"]
+
+# Seconds per draft step assumed for drafters that do not measure one (n-gram, Token Recycling:
+# a table lookup, far below any model step).
+CHEAP_DRAFT_STEP_S = 1e-4
 
 
 def best_branch(tree: TokenTree, accepted: Sequence[int]) -> int:
@@ -126,6 +134,25 @@ class CostAwarePolicy(FallbackPolicy):
         self.verify_s: float | None = None
         self.verify_per_node_s = 0.0
         self.draft_step_s: float | None = None
+        self._verify_source: Callable[[], tuple[float, float]] | None = None
+        self._draft_source: Callable[[], float | None] | None = None
+
+    def attach(self, verify_cost: Callable[[], tuple[float, float]],
+               draft_step: Callable[[], float | None] | None = None) -> None:
+        """Live cost sources: ``verify_cost() -> (fixed seconds, seconds per node)`` (e.g.
+        StreamingRunner.verify_cost) and ``draft_step() -> seconds or None`` (None or a missing
+        source: CHEAP_DRAFT_STEP_S)."""
+        self._verify_source, self._draft_source = verify_cost, draft_step
+
+    def refresh(self) -> None:
+        """Read the attached sources (no-op without them, or before the first measurement)."""
+        if self._verify_source is None:
+            return
+        fixed, per_node = self._verify_source()
+        if fixed <= 0:
+            return
+        step = self._draft_source() if self._draft_source is not None else None
+        self.set_costs(fixed, max(CHEAP_DRAFT_STEP_S, float(step or 0.0)), per_node)
 
     def set_costs(self, verify_s: float, draft_step_s: float, verify_per_node_s: float = 0.0) -> None:
         """Seconds per verification (fixed part), per draft step, and per tree node verified."""
@@ -167,3 +194,19 @@ class CostAwarePolicy(FallbackPolicy):
     def reset(self) -> None:
         super().reset()
         self.kappa = 1.0
+
+
+def make_policy(config: Any, target: Any = None, drafter: Any = None) -> FallbackPolicy:
+    """The policy a GenerationConfig asks for (``config.fallback.policy``): "auto" is the cost-
+    aware one when ``target`` measures its verification cost (a StreamingRunner), else LLMCad's.
+    A cost-aware policy is attached to ``target.verify_cost`` and ``drafter.step_seconds``."""
+    kind = config.fallback.policy
+    verify_cost = getattr(target, "verify_cost", None)
+    if kind == "auto":
+        kind = "cost" if verify_cost is not None else "llmcad"
+    if kind == "llmcad":
+        return FallbackPolicy.from_config(config)
+    policy = CostAwarePolicy(config.tree, alpha_init=config.fallback.alpha_init)
+    if verify_cost is not None:
+        policy.attach(verify_cost, (lambda: getattr(drafter, "step_seconds", None)) if drafter is not None else None)
+    return policy

@@ -93,6 +93,12 @@ class CombinedDrafter:
             return trees[0]
         return merge_trees(trees, budget, self.weights)
 
+    @property
+    def step_seconds(self) -> float | None:
+        """The slowest member's measured draft step (None when no member measures one)."""
+        steps = [t for t in (getattr(d, "step_seconds", None) for d in self.drafters) if t is not None]
+        return max(steps) if steps else None
+
     def observe(self, result: Any) -> None:
         for d in self.drafters:
             d.observe(result)
