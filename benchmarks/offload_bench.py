@@ -202,55 +202,27 @@ def work_plain(a: argparse.Namespace, prompt: list[int]) -> dict:
 
 
 def work_tree(a: argparse.Namespace, prompt: list[int]) -> dict:
-    from edgeinfer.bundle import load_manifest
+    """Through the public API: ``edgeinfer.load(memory_budget=...)`` loads the draft first (it
+    stays resident), checks the budget and plans the streamed target from what is left."""
+    import edgeinfer
     from edgeinfer.runtime.config import FallbackConfig, TreeBudget
-    from edgeinfer.runtime.drafters.model import ModelDrafter
-    from edgeinfer.runtime.engine import Engine
-    from edgeinfer.runtime.memory import current_usage, lock_pages_on_fault, resolve_budget
-    from edgeinfer.runtime.offload import check_draft_fits
-    from edgeinfer.runtime.session import ModelRunner
-    from edgeinfer.runtime.offload import activation_bytes, kv_bytes
-    from edgeinfer.runtime.streaming import ShardPaths, target_floor_bytes
 
     t0 = time.perf_counter()
-    manifest = load_manifest(a.bundle, verify=False)
-    drafters, runners, reserve = {}, {}, 0
-    if a.drafter == "model":  # the draft first: it stays resident and is in the measured baseline
-        d = manifest.models["draft"]
-        path = Path(a.bundle) / d.onnx
-        target = manifest.models["target"]
-        shards = ShardPaths.from_manifest(a.bundle, target.shards)
-        budget = resolve_budget(a.budget or None).bytes
-        extra = kv_bytes(d.spec, a.ctx) + activation_bytes(d.spec, a.nodes + 1, a.ctx, d.spec.vocab_size)
-        check_draft_fits(budget, current_usage(), (path.parent / (path.name + ".data")).stat().st_size, extra,
-                         target_floor_bytes(shards, target.spec, budget, a.ctx, a.nodes + 1))
-        draft = ModelRunner(path, d.spec, max_context=a.ctx, threads=1, name="draft")
-        # onnxruntime maps the draft's data file; after pre-packing it reads little of it again,
-        # so drop those mappings (else reclaim under the cap evicts code pages instead)
-        lock_pages_on_fault(str(path) + ".data")
-        draft.forward(list(range(a.nodes + 1)))  # its arena grows to a full tree pass now
-        draft.reset()
-        drafters["model"], runners["draft"] = ModelDrafter(draft), draft
-        # what the draft side still allocates: its KV cache as the context grows, and the
-        # drafter's per-node distributions (float32 [vocab] per expanded node)
-        reserve = kv_bytes(d.spec, a.ctx) + (a.nodes + 16) * d.spec.vocab_size * 4
-    else:
-        from edgeinfer.runtime.drafters.recycle import RecyclingDrafter
-
-        drafters["recycle"] = RecyclingDrafter(manifest.models["target"].spec.vocab_size)
-    _, runner = _runner(a, reserve)
-    engine = Engine(runner, None, drafters, draft_runners=runners, pipeline=a.drafter == "model",
-                    pipeline_max_ahead=a.ahead)
+    engine = edgeinfer.load(a.bundle, memory_budget=a.budget or "auto", max_context=a.ctx, threads=a.threads,
+                            draft_threads=1, offload_tree_nodes=a.nodes, verify_checksums=False,
+                            pipeline_max_ahead=a.ahead, drafters=(a.drafter,))
     t_load = time.perf_counter() - t0
+    fallback = FallbackConfig(enabled=a.policy != "fixed", policy="auto" if a.policy == "fixed" else a.policy)
     result = engine.generate(prompt, max_new_tokens=a.tokens, mode="tree", ignore_eos=True,
                              tree=TreeBudget(max_nodes=a.nodes, max_depth=a.depth, branch_threshold=a.branch),
-                             fallback=FallbackConfig(enabled=a.fallback))
+                             fallback=fallback)
     s = result.stats
     steps = max(1, s.verifications)
     return {"tokens": list(result.tokens), "decode_tps": (len(result.tokens) - 1) / s.decode_seconds,
             "prefill_s": t_load + s.prefill_seconds, "verifications": s.verifications,
             "tokens_per_verification": (s.accepted_tokens + steps) / steps,
-            "acceptance": s.acceptance_rate, **_pass_stats(runner)}
+            "acceptance": s.acceptance_rate, "draft_s": s.draft_seconds, "target_s": s.target_seconds,
+            **_pass_stats(engine.target)}
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -281,8 +253,8 @@ def run_one(method: str, cap: int, info: dict, a: argparse.Namespace, **extra) -
            "--bundle", info["bundle"], "--gguf", info["gguf"], "--prompt", json.dumps(info["prompt"]),
            "--tokens", str(a.tokens), "--ctx", str(a.ctx), "--threads", str(a.threads),
            "--nodes", str(extra.get("nodes", a.nodes)), "--depth", str(a.depth), "--ahead", str(a.ahead),
-           "--branch", str(a.branch),
-           "--drafter", extra.get("drafter", "model")] + (["--fallback"] if a.fallback else [])
+           "--branch", str(a.branch), "--policy", a.policy,
+           "--drafter", extra.get("drafter", "model")]
     r = run_capped(cmd, cap, timeout=a.timeout, cwd=ROOT)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     out = json.loads(line[7:]) if line else {"error": (r.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -305,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--branch", type=float, default=0.15, help="draft probability that opens a branch")
     p.add_argument("--ahead", type=int, default=8, help="draft steps speculated during a verification")
-    p.add_argument("--fallback", action="store_true", help="LLMCad self-adjusting fallback (default: fixed tree budget)")
+    p.add_argument("--policy", default="cost", choices=["cost", "llmcad", "fixed"],
+                   help="when to verify: cost-aware (default), LLMCad's alpha fallback, or a fixed tree budget")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--draft", default="int4", help="--draft-from-target spec of the resident draft (int4,affine "
                    "agrees far better but needs ~170 MiB resident: too much for the 2x cap)")
