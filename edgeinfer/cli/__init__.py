@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__
-from ..errors import EdgeInferError
+from ..errors import ConfigError, EdgeInferError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -79,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         config = replace(default_pair_config(Path(args.out), overwrite=args.force), shards=args.shards,
-                         formats=tuple((args.formats or "onnx").split(",")))
+                         formats=tuple((args.formats or "onnx").split(",")), target_exact=args.exact)
     else:
         dft = DraftFromTarget.parse(args.draft_from_target, args.block_size) if args.draft_from_target else None
         config = ExportConfig(
@@ -89,7 +89,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                   args.keep, args.affine, args.accuracy_level),
             draft_recipe=_recipe(args.draft_quant, args.block_size, not args.asymmetric, args.outlier,
                                  (), args.affine, args.accuracy_level),
-            formats=tuple((args.formats or "onnx").split(",")), shards=args.shards, overwrite=args.force)
+            formats=tuple((args.formats or "onnx").split(",")), shards=args.shards, overwrite=args.force,
+            target_exact=args.exact)
     progress = TqdmProgress(not args.quiet)
     try:
         report = export_bundle(config, progress=progress)
@@ -100,24 +101,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         size = sum(m.files.values())
         print(f"  {role:6s} {m.spec.arch}, {m.spec.num_layers} layers, {m.recipe.format.value}"
               f"{' affine' if m.recipe.affine else ''} (block {m.recipe.block_size}), {_human_bytes(size)} in {len(m.files)} files, {m.seconds:.1f} s")
+        for note in m.notes:
+            print(f"         {note}")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..export.pipeline import export_model
 
+    if args.quant is None and not args.exact:
+        raise ConfigError("quantize: give --quant FORMAT or --exact")
     progress = TqdmProgress(not args.quiet)
     try:
-        report = export_model(Path(args.model), _recipe(args.quant, args.block_size, not args.asymmetric,
+        report = export_model(Path(args.model), _recipe(args.quant or "fp32", args.block_size, not args.asymmetric,
                                                         args.outlier, args.keep, args.affine,
                                                         args.accuracy_level),
                               Path(args.out), tuple(args.formats.split(",")), overwrite=args.force,
-                              progress=progress)
+                              progress=progress, exact=args.exact)
     finally:
         progress.close()
     m = report.models["target"]
     print(f"quantized bundle written: {report.out}  ({report.seconds:.1f} s, "
           f"{_human_bytes(sum(m.files.values()))})")
+    for note in m.notes:
+        print(f"  {note}")
     return 0
 
 
@@ -176,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="outlier-aware quantization (default none)")
         sp.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                         help="keep matching tensors at fp32, e.g. 'lm_head.weight' or 'layers.0.*' (repeatable)")
+        sp.add_argument("--exact", action="store_true",
+                        help="lossless: linear weights that lie on a 4-bit block grid (a Q4_0/Q4_1/Q4_K "
+                             "GGUF source) as affine int4 blocks with float32 activations, the rest fp32; "
+                             "same output as fp32 from about a third of the bytes")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -197,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("quantize", cmd_quantize, "Quantize one model into a target-only bundle.")
     sp.add_argument("model", help="Hugging Face folder or .gguf file")
-    sp.add_argument("--quant", choices=("fp32", "fp16", "int8", "int4", "fp8"), required=True)
+    sp.add_argument("--quant", choices=("fp32", "fp16", "int8", "int4", "fp8"),
+                    help="weight format (required unless --exact)")
     sp.add_argument("--formats", default="onnx", help="comma list of onnx,gguf (default onnx)")
     sp.add_argument("--out", required=True, help="output bundle directory")
     quant_args(sp)

@@ -88,9 +88,15 @@ class ExportConfig:
     formats: tuple[str, ...] = ("onnx",)
     shards: bool = False  # also write per-layer shards of the target (for offloading)
     overwrite: bool = False
+    # Lossless target (quant/exact.py): linear weights on a 4-bit block grid as affine int4 with
+    # float32 activations, the rest fp32; replaces target_recipe (which must be left at fp32).
+    target_exact: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.target_exact and self.target_recipe.format is not WeightFormat.FP32:
+            raise ConfigError(f"exact: the exact target replaces the quant format; got quant="
+                              f"{self.target_recipe.format.value} as well (leave it at fp32)")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ConfigError(f"formats: {bad or 'empty'} not allowed, expected a subset of {FORMATS}")
@@ -105,6 +111,7 @@ class ModelReport:
     recipe: QuantRecipe
     files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the user should know (the CLI prints them)
 
 
 @dataclass
@@ -131,8 +138,11 @@ def default_pair_config(out: Path, overwrite: bool = False) -> ExportConfig:
 def export_bundle(config: ExportConfig, progress: ProgressFn | None = None) -> ExportReport:
     t0 = time.perf_counter()
     target = load_checkpoint(config.target or default_model_path(DEFAULT_MODEL))
+    target_recipe, notes = config.target_recipe, []
+    if config.target_exact:
+        target_recipe, notes = _exact_target_recipe(target, config.target_recipe.block_size, progress)
     plans: list[tuple[str, Checkpoint, ModelSpec, QuantRecipe]] = [
-        ("target", target, target.spec, config.target_recipe)]
+        ("target", target, target.spec, target_recipe)]
     if config.draft is not None:
         draft = load_checkpoint(config.draft)
         check_same_tokenizer(target.tokenizer.tokenizer_json, draft.tokenizer.tokenizer_json,
@@ -153,7 +163,8 @@ def export_bundle(config: ExportConfig, progress: ProgressFn | None = None) -> E
         for role, ckpt, spec, recipe in plans:
             r0 = time.perf_counter()
             entries[role] = _write_model(stage, role, ckpt, spec, recipe, config, progress)
-            reports[role] = ModelReport(role, spec, recipe, seconds=time.perf_counter() - r0)
+            reports[role] = ModelReport(role, spec, recipe, seconds=time.perf_counter() - r0,
+                                        notes=notes if role == "target" else [])
         tok = target.tokenizer
         atomic_write_text(stage / "tokenizer.json", tok.tokenizer_json)
         if tok.chat_template:
@@ -171,6 +182,21 @@ def export_bundle(config: ExportConfig, progress: ProgressFn | None = None) -> E
             if role in reports:
                 reports[role].files[f.path] = f.bytes
     return ExportReport(out=config.out, models=reports, seconds=time.perf_counter() - t0)
+
+
+def _exact_target_recipe(target: Checkpoint, block_size: int,
+                         progress: ProgressFn | None) -> tuple[QuantRecipe, list[str]]:
+    from ..quant.exact import exact_recipe
+
+    step = None if progress is None else (lambda done, total: progress("target: exact check", done, total))
+    recipe, report = exact_recipe(target.spec.tensor_names(), target.weights.get, block_size, step)
+    total = len(report.exact) + len(report.kept)
+    notes = [f"exact: {len(report.exact)} of {total} linear weights stored as affine int4 blocks "
+             f"(float32 activations), the rest fp32"]
+    if report.kept:
+        notes.append(f"exact: not on a 4-bit block grid, kept at fp32: {', '.join(report.kept[:4])}"
+                     + (f" and {len(report.kept) - 4} more" if len(report.kept) > 4 else ""))
+    return recipe, notes
 
 
 def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, recipe: QuantRecipe,
@@ -208,7 +234,9 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
 
 
 def export_model(checkpoint: Path, recipe: QuantRecipe, out: Path, formats: tuple[str, ...] = ("onnx",),
-                 overwrite: bool = False, progress: ProgressFn | None = None) -> ExportReport:
-    """Quantize one model into a target-only bundle (``edgeinfer quantize``)."""
+                 overwrite: bool = False, progress: ProgressFn | None = None,
+                 exact: bool = False) -> ExportReport:
+    """Quantize one model into a target-only bundle (``edgeinfer quantize``); ``exact``: the
+    lossless recipe of quant/exact.py instead of ``recipe`` (its block size is used)."""
     return export_bundle(ExportConfig(out=out, target=checkpoint, target_recipe=recipe,
-                                      formats=formats, overwrite=overwrite), progress)
+                                      formats=formats, overwrite=overwrite, target_exact=exact), progress)
