@@ -108,7 +108,7 @@ def test_pipelined_speculation_is_lossless_and_overlaps(tiny, drafter):
     _, _, ref, gaps = tiny
     eng = make_engine(tiny)
     eng.pipeline = True
-    r = eng.generate(PROMPT, max_new_tokens=N, drafter=drafter)
+    r = eng.generate(PROMPT, max_new_tokens=N, drafter=drafter, mode="tree")  # "auto" may choose plain
     assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
     kinds = {e.phase for e in r.stats.trace}
     if drafter == "ngram":  # no draft model to speculate with: the plain speculative loop
@@ -177,7 +177,7 @@ def test_stream_tokens_and_positional_config(tiny):
 
 def test_stats_and_trace(tiny):
     eng = make_engine(tiny)
-    r = eng.generate(PROMPT, max_new_tokens=N, drafter="model")
+    r = eng.generate(PROMPT, max_new_tokens=N, drafter="model", mode="tree")
     s = r.stats
     assert s.prompt_tokens == len(PROMPT) and s.generated_tokens == N
     assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0 and 0 < s.ttft_seconds <= s.total_seconds
@@ -210,7 +210,8 @@ def test_sampling_seeded_and_distribution_matches_target(tiny):
     runs = 500
     counts: dict = {}
     for seed in range(runs):
-        r = eng.generate(PROMPT, max_new_tokens=2, temperature=2.0, top_k=2, seed=seed, drafter="same")
+        r = eng.generate(PROMPT, max_new_tokens=2, temperature=2.0, top_k=2, seed=seed, drafter="same",
+                         mode="tree")
         counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
     tv = 0.5 * sum(abs(counts.get(k, 0) / runs - exact.get(k, 0.0)) for k in set(exact) | set(counts))
     assert tv < 0.1, (tv, counts, exact)
@@ -261,3 +262,28 @@ def test_fit_tree():
     c = fit_tree(t, TreeBudget(max_nodes=8, max_depth=8), chain=True)
     assert c.tokens == [1, 3, 5, 6] and c.parents == [-1, 0, 1, 2]
     assert fit_tree(t, TreeBudget(max_nodes=8, max_depth=8)) is t
+
+
+class SlowOracle(OracleDrafter):
+    """The oracle with a costly propose: speculation then loses to plain decoding."""
+
+    name = "slow"
+
+    def propose(self, context, budget, stop=None):
+        import time
+
+        time.sleep(0.02)
+        return super().propose(context, budget, stop)
+
+
+def test_auto_mode_decodes_plain_while_speculation_measures_slower(tiny):
+    _, _, ref, gaps = tiny
+    eng = make_engine(tiny)
+    eng.drafters["slow"] = SlowOracle(PROMPT, ref)
+    r = eng.generate(PROMPT, max_new_tokens=N, mode="auto", drafter="slow")
+    assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
+    # 2 plain probe steps, 3 losing speculative rounds, then plain: most steps ran plain
+    assert r.stats.auto_plain_steps >= N // 2 and r.stats.verifications <= 6
+    forced = eng.generate(PROMPT, max_new_tokens=N, mode="tree", drafter="slow")  # an explicit mode: no gate
+    assert forced.stats.auto_plain_steps == 0 and forced.stats.verifications > 0
+    assert same_or_near_tie(forced.tokens, ref, gaps)

@@ -89,6 +89,7 @@ class Engine:
         # thread while the target verifies on a worker; only for drafters with ``speculate``
         self.pipeline, self.pipeline_max_ahead = pipeline, pipeline_max_ahead
         self.last_result: GenerationResult | None = None
+        self._gates: dict[str, Any] = {}  # mode="auto": SpeculationGate per drafter (runtime/gate.py)
 
     @property
     def max_context(self) -> int:
@@ -318,12 +319,29 @@ class Engine:
                                        learn=False)
         name = getattr(drafter, "name", "drafter")
         empty = TokenTree()
+        gate = None
+        # mode="auto", greedy: speculate only while it measures faster. Not when sampling: the
+        # timing-dependent choice would change which random draws a seed's output takes.
+        if cfg.mode == "auto" and mode != "plain" and cfg.greedy:
+            from .drafters.model import ModelDrafter
+            from .gate import SpeculationGate
+
+            # one gate per drafter for the engine's life: what one generation measured (the rates,
+            # a backoff) carries over to the next
+            gate = self._gates.setdefault(getattr(drafter, "name", "drafter"), SpeculationGate())
+            per_token_steps = isinstance(drafter, ModelDrafter)  # every drafted token costs a step
         try:
             while produced < cfg.max_new_tokens:
                 room = runner.max_context - runner.past_len - 1  # positions left after the root
                 depth_cap = min(cfg.max_new_tokens - produced - 1, room)
+                t_step = now()
                 if mode == "plain" or depth_cap <= 0:
                     result = target_step(context, empty)
+                elif gate is not None and not gate.speculate(drafter.step_seconds if per_token_steps else None):
+                    result = target_step(context, empty)
+                    self._observe(drafter, None, result, stats, trace, name)  # e.g. recycling learns
+                    gate.record_plain(now() - t_step, len(result.tokens))
+                    stats.auto_plain_steps += 1
                 else:
                     if policy is not None and hasattr(policy, "refresh"):
                         policy.refresh()  # cost-aware: the latest measured costs
@@ -344,6 +362,8 @@ class Engine:
                         stats.draft_seconds += t1 - t0
                         result = target_step(context, tree)
                     self._observe(drafter, policy, result, stats, trace, name)
+                    if gate is not None:
+                        gate.record_round(now() - t_step, len(result.tokens))
                 batch = result.tokens
                 context.extend(batch)
                 produced += len(batch)

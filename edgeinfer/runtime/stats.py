@@ -57,6 +57,8 @@ class GenerationStats:
     accepted_tokens: int = 0  # drafted tokens the target accepted
     draft_seconds: float = 0.0  # drafters' propose + observe
     target_seconds: float = 0.0  # target forward passes (prefill + decode)
+    # mode="auto": decoding steps the SpeculationGate ran plain (speculation measured slower)
+    auto_plain_steps: int = 0
     providers: dict[str, str] = field(default_factory=dict)  # model -> execution provider
     provider_notes: dict[str, str] = field(default_factory=dict)  # model -> why others were skipped
     finish_reason: str = ""  # eos | stop | length
