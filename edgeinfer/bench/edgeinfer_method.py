@@ -56,7 +56,7 @@ def export_default_bundle(source: Path, out: Path) -> None:
 class EdgeinferMethod(Method):
     """``edgeinfer.load(bundle)`` then ``Engine.stream_tokens(prompt ids, GenerationConfig)``.
 
-    Options: ``mode`` (plain | chain | tree), ``drafter`` (a name, or names joined by "+"
+    Options: ``mode`` (plain | chain | tree | auto), ``drafter`` (a name, or names joined by "+"
     for the runtime's combined drafter), ``max_nodes`` (tree node budget; depth follows).
     """
 
