@@ -38,7 +38,8 @@ from ..errors import BundleError, ConfigError
 from ..spec import ModelSpec
 from .kvcache import KVCache
 from .memory import current_usage, resolve_budget, return_freed_memory
-from .offload import FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes, plan_offload
+from .offload import (FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes, plan_offload,
+                      safety_margin)
 from .providers import CPU, ProviderReport
 from .session import ModelRunner
 from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph, load_shard_graph,
@@ -88,7 +89,7 @@ def target_floor_bytes(shards: ShardPaths, spec: ModelSpec, budget: int, max_con
     margin and one streaming buffer as large as the largest layer (from file sizes only)."""
     largest = max((p.with_name(p.name + ".data").stat().st_size for p in shards.layers), default=0)
     return (kv_bytes(spec, max_context) + activation_bytes(spec, max_nodes, max_context, spec.vocab_size)
-            + min(16 * 2**20, 2 * 2**20 + budget // 100) + largest)
+            + safety_margin(budget) + largest)
 
 
 class StreamingRunner(ModelRunner):
@@ -137,7 +138,7 @@ class StreamingRunner(ModelRunner):
         fixed = FixedCosts(baseline=(current_usage() if baseline is None else baseline) + reserve,
                            kv=kv_bytes(spec, self.max_context),
                            activations=activation_bytes(spec, max_nodes, self.max_context, head_rows),
-                           margin=min(16 * 2**20, 2 * 2**20 + self.budget.bytes // 100))
+                           margin=safety_margin(self.budget.bytes))
         self.plan: OffloadPlan = plan_offload(parts, self.budget.bytes, fixed, priority, gather_bytes)
         self._load_weights()
         self._rows = None if self._gather_w is None else RowReader(
