@@ -24,14 +24,15 @@ def test_probe_then_keep_speculating_when_it_wins():
 
 def test_switch_to_plain_when_speculation_loses_then_try_again_with_backoff():
     g = SpeculationGate(plain_probe=2, min_rounds=3, plain_steps=5, max_backoff=1)
-    d = run(g, spec_rate=60.0, plain_rate=80.0, steps=2 + 3 + 5 + 3 + 10 + 3 + 10)
-    assert d == "pp" + "sss" + "p" * 5 + "sss" + "p" * 10 + "sss" + "p" * 10  # 5, then 10 (capped)
+    d = run(g, spec_rate=60.0, plain_rate=80.0, steps=2 + 4 + 5 + 4 + 10 + 4 + 10)
+    # each try: one catch-up round (not counted) + 3 counted; plain for 5, then 10 (capped)
+    assert d == "pp" + "ssss" + "p" * 5 + "ssss" + "p" * 10 + "ssss" + "p" * 10
     assert g.switches == 3 and g.plain_steps_taken == 27
 
 
 def test_a_won_try_resets_the_backoff():
     g = SpeculationGate(plain_probe=1, min_rounds=2, plain_steps=2, refresh=1000)
-    assert run(g, 60.0, 80.0, 1 + 2 + 2 + 2 + 4) == "p" + "ss" + "pp" + "ss" + "pppp"
+    assert run(g, 60.0, 80.0, 1 + 3 + 2 + 3 + 4) == "p" + "sss" + "pp" + "sss" + "pppp"
     assert run(g, 100.0, 80.0, 4) == "ssss"  # speculation wins now
     assert g._losses == 0
     d = run(g, 40.0, 80.0, 12)  # the mean falls below plain again: plain for the base length
@@ -55,4 +56,15 @@ def test_a_close_race_stays_speculative_within_the_margin():
     g = SpeculationGate(plain_probe=1, min_rounds=2, margin=0.05, refresh=1000)
     assert run(g, spec_rate=77.0, plain_rate=80.0, steps=20) == "p" + "s" * 19  # 77 > 0.95 * 80
     g = SpeculationGate(plain_probe=1, min_rounds=2, margin=0.05, plain_steps=4, refresh=1000)
-    assert run(g, spec_rate=75.0, plain_rate=80.0, steps=7) == "p" + "ss" + "pppp"
+    assert run(g, spec_rate=75.0, plain_rate=80.0, steps=8) == "p" + "sss" + "pppp"
+
+
+def test_the_catch_up_round_after_plain_steps_is_not_counted():
+    g = SpeculationGate(plain_probe=1, min_rounds=2, refresh=1000)
+    g.record_plain(1 / 50.0)
+    assert g.speculate()
+    g.record_round(3 / 10.0, 3)  # 10 tok/s: the draft catching up with the context
+    for _ in range(5):
+        assert g.speculate()
+        g.record_round(3 / 60.0, 3)
+    assert g.switches == 0 and abs(g.spec_rate - 60.0) < 1e-9
