@@ -106,13 +106,36 @@ def test_cost_aware_rule_by_hand():
 
 
 def test_cost_aware_calibration_by_hand():
-    t = chain([0.9, 0.8])  # predicted 1.62 accepted tokens
+    t = chain([0.5, 0.5, 0.5])  # C = .5, .25, .125: 0.875 tokens predicted
+    g = CostAwarePolicy.fit_gamma(np.array([0.5, 0.25, 0.125]), 2)
+    assert 0.5 ** g + 0.25 ** g + 0.125 ** g == pytest.approx(2.0, abs=1e-6)  # underconfident: g < 1
+    assert g < 1
     pol = CostAwarePolicy(calibration_rate=0.5)
-    pol.update(t, [0])  # observed 1 / 1.62 = .617 -> kappa = 1 + .5 (.617 - 1)
-    assert pol.kappa == pytest.approx(1 + 0.5 * (1 / 1.62 - 1))
-    assert pol.alpha == pytest.approx(0.5)  # alpha bookkeeping as in FallbackPolicy
+    pol.update(t, [0, 1])  # 2 accepted: gamma moves half way to g
+    assert pol.gamma == pytest.approx(1 + 0.5 * (g - 1))
+    assert pol.alpha == pytest.approx(1 / 3)  # alpha bookkeeping as in FallbackPolicy
+    pol.update(t, [0, 1, 2])  # all accepted: towards the lower bound
+    assert pol.gamma < 1 + 0.5 * (g - 1)
+    assert CostAwarePolicy.fit_gamma(np.array([0.9, 0.8]), 0) == 4.0  # nothing accepted: the upper bound
     pol.reset()
-    assert pol.kappa == 1.0
+    assert pol.gamma == 1.0
+
+
+def test_calibrated_underconfident_draft_grows_longer_trees():
+    """A draft whose confidences run low (.6 per token) but whose tokens are accepted: once
+    calibrated, the same expensive verification lets the chain grow much longer."""
+    def size_at_stop(pol):
+        for n in range(1, 64):
+            if pol.should_verify(chain([0.6] * n)):
+                return n
+        return 64
+
+    pol = CostAwarePolicy(TreeBudget(max_nodes=64, max_depth=64), calibration_rate=1.0)
+    pol.set_costs(verify_s=0.4, draft_step_s=0.016)
+    before = size_at_stop(pol)
+    pol.update(chain([0.6] * 8), list(range(8)))  # all 8 accepted
+    after = size_at_stop(pol)
+    assert before < 8 < after, (before, after)
 
 
 def test_expensive_verification_grows_bigger_trees():

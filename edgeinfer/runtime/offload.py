@@ -187,8 +187,8 @@ def safety_margin(budget: int) -> int:
     """Bytes of a budget left unplanned for what no estimate covers (allocator slack, Python
     objects, the kernel reclaiming page cache under the cap more slowly than a pass allocates).
     Measured: with 3.3 MiB of a 128 MiB cap, two of three runs with a busy second core were
-    OOM-killed (none on an idle machine); this gives 9 MiB there, 14 MiB at 257 MiB."""
-    return min(16 * 2**20, 4 * 2**20 + budget // 25)
+    OOM-killed (none on an idle machine); this gives 7.3 MiB there, 8.6 MiB at 257 MiB."""
+    return min(16 * 2**20, 6 * 2**20 + budget // 100)
 
 
 def kv_bytes(spec: ModelSpec, max_context: int, itemsize: int = 4) -> int:

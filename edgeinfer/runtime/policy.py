@@ -20,13 +20,18 @@ after every draft step) and, for richer policies, ``stop=policy.should_verify``.
 CostAwarePolicy (a separate option, for offloading, where one verification costs far more than
 a draft step): fed the measured cost of a verification (fixed + per tree node) and of a draft
 step, it keeps drafting while the next step is expected to raise the throughput of the whole
-round. With E = kappa * sum_i C_i expected accepted tokens of the current tree (kappa: a
-running calibration of accepted / predicted), S draft steps so far (= number of expanded nodes,
-the distinct parents), n nodes and t = S * t_draft + t_verify + n * t_node, a round yields
-(E + 1) / t tokens per second; one more step adds at most kappa * T_c tokens for
-t_draft + t_node seconds, so it verifies when kappa * T_c / (t_draft + t_node) < (E + 1) / t.
-An expensive verification makes the right side small and the tree grows (up to the caps); a
-cheap one makes trees small. Until costs are set it behaves as FallbackPolicy. ``attach`` gives
+round. A node's chance of being accepted is taken as C_i^gamma, where gamma calibrates the
+draft's confidences (a quantized draft is often underconfident: SmolLM2's int4 draft has path
+confidences far below its 0.9 per-token acceptance, so uncalibrated trees stopped at 5-12 nodes
+though a 25-node pass cost no more than an 8-node one). With E = sum_i C_i^gamma expected
+accepted tokens, S draft steps so far (= number of expanded nodes, the distinct parents), n
+nodes and t = S * t_draft + t_verify + n * t_node, a round yields (E + 1) / t tokens per second;
+one more step adds at most T_c^gamma tokens for t_draft + t_node seconds, so it verifies when
+T_c^gamma / (t_draft + t_node) < (E + 1) / t. An expensive verification makes the right side
+small and the tree grows (up to the caps); a cheap one makes trees small. After each
+verification gamma moves (rate ``calibration_rate``) toward the value at which the tree's
+expected accepted length sum_i C_i^gamma equals the observed one (bisection, gamma in
+[GAMMA_MIN, GAMMA_MAX]). Until costs are set it behaves as FallbackPolicy. ``attach`` gives
 it live sources (the target's ``verify_cost()``, the drafter's ``step_seconds``) that
 ``refresh()`` reads before each tree; the engine does this for a streamed target.
 
@@ -37,12 +42,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..errors import ConfigError
 from .config import TreeBudget
 from .drafters.base import node_confidences, tree_confidence
 from .tree import TokenTree
 
 __all__ = ["FallbackPolicy", "CostAwarePolicy", "best_branch", "make_policy"]
+
+GAMMA_MIN, GAMMA_MAX = 0.05, 4.0  # range of CostAwarePolicy's confidence calibration exponent
 
 # Seconds per draft step assumed for drafters that do not measure one (n-gram, Token Recycling:
 # a table lookup, far below any model step).
@@ -125,12 +134,12 @@ class CostAwarePolicy(FallbackPolicy):
     """FallbackPolicy's alpha bookkeeping plus the throughput rule of the module docstring."""
 
     def __init__(self, base: TreeBudget | None = None, alpha_init: float = 0.01,
-                 calibration_rate: float = 0.3, **kw: float) -> None:
+                 calibration_rate: float = 0.5, **kw: float) -> None:
         super().__init__(base, alpha_init, **kw)
         if not 0 < calibration_rate <= 1:
             raise ConfigError(f"CostAwarePolicy.calibration_rate must be in (0, 1], got {calibration_rate!r}")
         self.rate = calibration_rate
-        self.kappa = 1.0
+        self.gamma = 1.0  # accepted-chance of a node ~ C_i ** gamma (module docstring)
         self.verify_s: float | None = None
         self.verify_per_node_s = 0.0
         self.draft_step_s: float | None = None
@@ -177,23 +186,39 @@ class CostAwarePolicy(FallbackPolicy):
             return False
         if self.capped(tree):
             return True
-        conf = node_confidences(tree)
-        expected = self.kappa * float(conf.sum())
+        conf = node_confidences(tree) ** self.gamma
+        expected = float(conf.sum())
         steps = len(set(tree.parents))
         t = steps * self.draft_step_s + self.verify_s + len(tree) * self.verify_per_node_s
-        gain = self.kappa * tree_confidence(tree)
+        gain = tree_confidence(tree) ** self.gamma
         return gain * t < (expected + 1.0) * (self.draft_step_s + self.verify_per_node_s)
+
+    @staticmethod
+    def fit_gamma(conf: np.ndarray, accepted: int) -> float:
+        """The exponent g in [GAMMA_MIN, GAMMA_MAX] with sum(conf ** g) closest to ``accepted``
+        (the sum falls as g grows, since every confidence is at most 1)."""
+        lo, hi = GAMMA_MIN, GAMMA_MAX
+        if float((conf ** lo).sum()) <= accepted:
+            return lo
+        if float((conf ** hi).sum()) >= accepted:
+            return hi
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if float((conf ** mid).sum()) > accepted:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
 
     def update(self, tree: TokenTree, accepted: Sequence[int]) -> float:
         if len(tree):
-            predicted = float(node_confidences(tree).sum())
-            observed = min(2.0, max(0.05, len(accepted) / predicted)) if predicted > 0 else 1.0
-            self.kappa += self.rate * (observed - self.kappa)
-        return super().update(tree, accepted)
+            conf = np.clip(node_confidences(tree), 1e-12, 1.0)
+            self.gamma += self.rate * (self.fit_gamma(conf, len(accepted)) - self.gamma)
+        return FallbackPolicy.update(self, tree, accepted)
 
     def reset(self) -> None:
         super().reset()
-        self.kappa = 1.0
+        self.gamma = 1.0
 
 
 def make_policy(config: Any, target: Any = None, drafter: Any = None) -> FallbackPolicy:
