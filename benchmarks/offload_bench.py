@@ -271,17 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caps", default="2,4", help="target size / cap ratios")
     p.add_argument("--methods", default="llama,plain,tree")
     p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=192, help="context size (prompt ~60 + 48 tokens + a tree fit)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nodes", type=int, default=24, help="tree size cap (tree method)")
-    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--depth", type=int, default=12)
     p.add_argument("--branch", type=float, default=0.15, help="draft probability that opens a branch")
-    p.add_argument("--ahead", type=int, default=8, help="draft steps speculated during a verification")
+    p.add_argument("--ahead", type=int, default=16, help="draft steps speculated during a verification")
     p.add_argument("--policy", default="cost", choices=["cost", "llmcad", "fixed"],
                    help="when to verify: cost-aware (default), LLMCad's alpha fallback, or a fixed tree budget")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--draft", default="int4", help="--draft-from-target spec of the resident draft (int4,affine "
-                   "agrees far better but needs ~170 MiB resident: too much for the 2x cap)")
+    p.add_argument("--draft", default="int4", help="--draft-from-target spec of the resident draft (int4,affine,head=int8 "
+                   "agrees far better but needs ~40 MiB more resident than the 2x cap leaves)")
+    p.add_argument("--cap-draft", action="append", default=[], metavar="RATIO=SPEC",
+                   help="another draft for one cap ratio (repeatable), e.g. 1.6=int4,affine,head=int8")
     # worker arguments
     p.add_argument("--method")
     p.add_argument("--bundle")
@@ -296,12 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     from edgeinfer.models import cache_dir
 
     work = a.work or cache_dir() / "bench" / "offload"
-    info = prepare(work, a.draft)
+    cap_drafts = {}
+    for item in a.cap_draft:
+        ratio, sep, spec = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--cap-draft {item!r}: expected RATIO=SPEC, e.g. 1.6=int4,affine,head=int8")
+        cap_drafts[float(ratio)] = spec
+    infos = {spec: prepare(work, spec) for spec in {a.draft, *cap_drafts.values()}}
+    info = infos[a.draft]
     bw = disk_bandwidth(Path(info["bundle"]))
     print(f"disk read bandwidth (caches dropped): O_DIRECT {bw['o_direct_MBps']:.0f} MB/s, "
           f"buffered {bw['buffered_MBps']:.0f} MB/s; target {info['target_bytes'] / 1e6:.0f} MB", flush=True)
     rows = []
     for ratio in (float(x) for x in a.caps.split(",")):
+        info = infos[cap_drafts.get(ratio, a.draft)]
         cap = int(info["target_bytes"] / ratio) // MiB * MiB
         by = {}
         for method in a.methods.split(","):
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             if method == "tree" and "MemoryBudgetError" in r.get("error", ""):
                 r = run_one(method, cap, info, a, drafter="recycle", nodes=max(a.nodes, 48))
             r["ratio"] = ratio
+            if method == "tree" and r.get("drafter", "model") == "model":
+                r["draft"] = cap_drafts.get(ratio, a.draft)
             by[method] = r
             rows.append(r)
             print(f"  {ratio:g}x cap {cap // MiB} MiB {method:6s}: " + (
@@ -340,7 +352,7 @@ def print_table(rows: list[dict], bw: dict) -> None:
         res = r.get("resident")
         layers = [x for x in (res or []) if x.startswith("layer.")]
         print("| " + " | ".join([
-            f"{r['ratio']:g}x {r['cap_MiB']:.0f}", r["method"] + (f" ({r['drafter']})" if "drafter" in r else ""),
+            f"{r['ratio']:g}x {r['cap_MiB']:.0f}", r["method"] + (f" ({r['drafter']})" if "drafter" in r else f" ({r['draft']})" if "draft" in r else ""),
             f"{r['decode_tps']:.2f}", f"{r.get('x_llama', float('nan')):.1f}", f"{r.get('x_plain', float('nan')):.1f}",
             f"{r['cg_peak_MiB']:.0f}/{r['cap_MiB']:.0f}",
             f"{r['max_usage_MiB']:.0f}" if "max_usage_MiB" in r else "-", str(r["oom_kills"]),
