@@ -163,7 +163,9 @@ class EngineOptions:
     # Memory budget ("200MB", "1.5GiB", bytes, or "auto" = cgroup limit / available memory).
     # When set, the target streams its layers from the bundle's per-layer shards (offload.py).
     memory_budget: str | int | None = None
-    offload_tree_nodes: int = 16  # largest tree a streamed pass is planned for
+    # largest tree a streamed pass is planned for, and the streamed engine's default tree budget
+    # (depth max(8, n / 2)): a pass costs about the same for 8 or 25 nodes when layers stream
+    offload_tree_nodes: int = 24
 
     def __post_init__(self) -> None:
         o = "EngineOptions"

@@ -88,6 +88,11 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size)
     default = tuple(drafters) if drafters is not None else (("model",) if "model" in available else ("recycle",))
+    if defaults is None:  # trees as large as a pass is planned for: verifying is I/O-bound here
+        from .config import TreeBudget
+
+        n = opts.offload_tree_nodes
+        defaults = GenerationConfig(tree=TreeBudget(max_nodes=n, max_depth=max(8, n // 2)))
     return Engine(runner, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=runners,
                   pipeline="model" in available, pipeline_max_ahead=opts.pipeline_max_ahead)
