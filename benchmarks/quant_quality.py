@@ -50,6 +50,9 @@ RECIPES["int4-b32-affine-head8"] = dict(format="int4", block_size=32, affine=Tru
 RECIPES["int4-b32-affine-head8-l0"] = dict(format="int4", block_size=32, affine=True,
                                            keep=("lm_head.weight",), keep_format="int8",
                                            accuracy_level=0)
+# what --exact makes of SmolLM2's Q4_1 source (quant/exact.py: every linear weight is on the grid)
+RECIPES["exact"] = dict(format="int4", block_size=32, affine=True, accuracy_level=0, embed_format="fp32",
+                        keep=("lm_head.weight",), keep_format="fp32")
 RECIPES["int4-b32-scale"] = dict(format="int4", block_size=32, outlier="scale")
 RECIPES["int4-b32-reorder"] = dict(format="int4", block_size=32, outlier="reorder")
 
