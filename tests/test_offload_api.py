@@ -38,3 +38,22 @@ def test_budget_errors(sharded, tiny_checkpoint, tmp_path):
     export_bundle(ExportConfig(out=plain, target=tiny_checkpoint("llama")))
     with pytest.raises(BundleError, match="--shards"):
         edgeinfer.load(plain, memory_budget="1GB")
+
+
+def test_streamed_engine_defaults_and_resident_draft_settings(sharded):
+    """A streamed engine: trees as large as its planned pass, the cost-aware policy under the
+    default (auto) fallback, and a draft session without onnxruntime's arena."""
+    from edgeinfer.runtime.policy import CostAwarePolicy, make_policy
+
+    eng = edgeinfer.load(sharded, memory_budget="2GB", offload_tree_nodes=20)
+    assert (eng.defaults.tree.max_nodes, eng.defaults.tree.max_depth) == (20, 10)
+    assert eng.target.max_nodes == 21
+    assert isinstance(make_policy(eng.defaults, eng.target, eng.drafters["model"]), CostAwarePolicy)
+    assert eng.runners["draft"].session.get_session_options().enable_cpu_mem_arena is False
+    resident = edgeinfer.load(sharded)
+    assert resident.runners["draft"].session.get_session_options().enable_cpu_mem_arena is True
+    r = eng.generate("the quick brown fox", max_new_tokens=12, mode="tree", drafter="model")
+    assert r.stats.verifications > 0
+    pol = make_policy(eng.defaults, eng.target, eng.drafters["model"])
+    pol.refresh()  # the passes just measured feed the policy's costs
+    assert pol.verify_s is not None and pol.verify_s > 0 and pol.draft_step_s > 0
