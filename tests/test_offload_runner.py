@@ -40,7 +40,7 @@ def model(request, tmp_path_factory):
 
 def runner(spec, shards, budget=None, **kw) -> StreamingRunner:
     """budget None: everything resident. Budgets count from a zero baseline so that tiny
-    models stream; the margin the runner adds is 2 MiB + 1%."""
+    models stream; the runner adds offload.safety_margin(budget) on top."""
     kw.setdefault("max_context", 96)
     kw.setdefault("max_nodes", 16)
     return StreamingRunner(shards, spec, budget or 1 << 30, baseline=0, head_chunk_bytes=8 * KiB, **kw)
@@ -54,7 +54,10 @@ def streaming_budget(spec, shards) -> int:
     fixed = b["baseline"] + b["kv"] + b["activations"] + b.get("embed rows", 0)
     others = sum(probe._parts[n].nbytes for n in probe.plan.resident if not n.startswith("layer."))
     probe.close()
-    return fixed + int(2.1 * MiB) + others + (spec.num_layers // 2 + 2) * layer
+    from edgeinfer.runtime.offload import safety_margin
+
+    base = fixed + others + (spec.num_layers // 2 + 2) * layer
+    return base + safety_margin(base + safety_margin(2 * base)) + 64 * KiB
 
 
 def test_plan_streams_and_keeps_to_budget(model):
@@ -230,7 +233,7 @@ def test_prefetch_overlaps_compute(tmp_path):
     _, shards = _build(tmp_path, spec)
 
     def overlap(prefetch: bool) -> tuple[float, float]:
-        r = StreamingRunner(shards, spec, 16 * MiB, baseline=0, max_context=96, max_nodes=32,
+        r = StreamingRunner(shards, spec, 20 * MiB, baseline=0, max_context=96, max_nodes=32,
                             prefetch=prefetch, direct_io=False, verify="stat")
         assert r.plan.resident == () or all(not n.startswith("layer.") for n in r.plan.resident)
         r.forward(list(range(1, 9)))
