@@ -66,7 +66,8 @@ def format_stats(stats) -> str:
                      f"mean accepted {stats.mean_accepted:.2f} per verification")
         lines.append(f"time: target {stats.target_seconds:.2f} s, drafting {stats.draft_seconds:.2f} s")
     if stats.auto_plain_steps:
-        lines.append(f"auto mode: {stats.auto_plain_steps} steps decoded plain (speculation measured slower there)")
+        lines.append(f"auto mode: {stats.auto_plain_steps} steps decoded plain (measuring plain speed, or "
+                     "where speculation measured slower)")
     lines.append("providers: " + ", ".join(f"{k}={v}" for k, v in stats.providers.items()))
     for k, note in stats.provider_notes.items():
         if note:
