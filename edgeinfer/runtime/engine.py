@@ -328,23 +328,25 @@ class Engine:
 
             # one gate per drafter for the engine's life: what one generation measured (the rates,
             # a backoff) carries over to the next
-            gate = self._gates.setdefault(getattr(drafter, "name", "drafter"), SpeculationGate())
+            gate = self._gates.setdefault(name, SpeculationGate())
             per_token_steps = isinstance(drafter, ModelDrafter)  # every drafted token costs a step
         try:
             while produced < cfg.max_new_tokens:
                 room = runner.max_context - runner.past_len - 1  # positions left after the root
                 depth_cap = min(cfg.max_new_tokens - produced - 1, room)
                 t_step = now()
-                if mode == "plain" or depth_cap <= 0:
+                plain = mode == "plain" or depth_cap <= 0
+                gated = not plain and gate is not None and not gate.speculate(
+                    drafter.step_seconds if per_token_steps else None)
+                if plain or gated:
                     result = target_step(context, empty)
-                elif gate is not None and not gate.speculate(drafter.step_seconds if per_token_steps else None):
-                    result = target_step(context, empty)
-                    self._observe(drafter, None, result, stats, trace, name)  # e.g. recycling learns
-                    gate.record_plain(now() - t_step, len(result.tokens))
-                    stats.auto_plain_steps += 1
+                    if gated:
+                        self._observe(drafter, None, result, stats, trace, name)  # e.g. recycling learns
+                        gate.record_plain(now() - t_step, len(result.tokens))
+                        stats.auto_plain_steps += 1
                 else:
-                    if policy is not None and hasattr(policy, "refresh"):
-                        policy.refresh()  # cost-aware: the latest measured costs
+                    if policy is not None:
+                        policy.refresh()  # cost-aware: the latest measured costs (LLMCad: nothing)
                     budget = policy.budget() if policy is not None else cfg.tree
                     budget = dataclasses.replace(
                         budget, max_nodes=min(budget.max_nodes, room), max_depth=min(budget.max_depth, depth_cap),

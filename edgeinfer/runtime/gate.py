@@ -26,9 +26,9 @@ backoff, probing and losing three rounds every 32 tokens.
 
 Greedy decoding only: under sampling the choice, which depends on timing, would change which
 random draws a seed's output is made of (the distribution stays the target's, but a seed
-would no longer reproduce its text). The engine keeps one gate per drafter for its whole life, so what one generation measured
-carries over to the next. Output is the same either way (both are the target's own choice), so
-this only moves speed.
+would no longer reproduce its text). The engine keeps one gate per drafter for its whole
+life, so what one generation measured carries over to the next. Output is the same either way
+(both are the target's own choice), so this only moves speed.
 """
 from __future__ import annotations
 

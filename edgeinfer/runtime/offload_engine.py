@@ -67,9 +67,9 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         d = draft_entry.spec
         path = root / draft_entry.onnx
         data = path.with_name(path.name + ".data")
-        extra = kv_bytes(d, ctx) + activation_bytes(d, nodes, ctx, d.vocab_size)
+        reserve = draft_reserve_bytes(d, ctx, nodes)  # what it allocates after loading
         check_draft_fits(budget.bytes, current_usage(), data.stat().st_size if data.exists() else
-                         path.stat().st_size, extra, target_floor_bytes(shards, spec, budget.bytes, ctx, nodes))
+                         path.stat().st_size, reserve, target_floor_bytes(shards, spec, budget.bytes, ctx, nodes))
         draft = ModelRunner(path, d, opts.draft_providers or opts.providers, max_context=ctx,
                             settings=resident_draft_settings(draft_settings), kv_block=opts.kv_block,
                             name="draft")
@@ -79,7 +79,6 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         draft.reset()
         trim_heap()  # what session creation and pre-packing freed
         available["model"], runners["draft"] = ModelDrafter(draft), draft
-        reserve = draft_reserve_bytes(d, ctx, nodes)
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve)
     from .drafters.ngram import NgramDrafter

@@ -98,6 +98,9 @@ class FallbackPolicy:
                                                       (("max_nodes", max_nodes), ("max_depth", max_depth))
                                                       if v is not None})
 
+    def refresh(self) -> None:
+        """Called before each tree; LLMCad's rule measures nothing (see CostAwarePolicy)."""
+
     def budget(self) -> TreeBudget:
         """The budget for the next tree: the caps, and min_confidence = alpha."""
         return dataclasses.replace(self.base, min_confidence=float(self.alpha))
@@ -214,7 +217,7 @@ class CostAwarePolicy(FallbackPolicy):
         if len(tree):
             conf = np.clip(node_confidences(tree), 1e-12, 1.0)
             self.gamma += self.rate * (self.fit_gamma(conf, len(accepted)) - self.gamma)
-        return FallbackPolicy.update(self, tree, accepted)
+        return super().update(tree, accepted)
 
     def reset(self) -> None:
         super().reset()
