@@ -56,7 +56,7 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     if opts.memory_budget is not None:
         from .runtime.offload_engine import load_streaming_engine
 
-        draft_threads = opts.threads if opts.draft_threads is None else opts.draft_threads
+        draft_threads = 1 if opts.draft_threads is None else opts.draft_threads  # beside the passes
         return load_streaming_engine(root, manifest, tokenizer, opts, defaults, drafters,
                                      _settings(opts, draft_threads), opts.threads)
     target_entry = manifest.models["target"]
@@ -76,7 +76,9 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
                               f"target's {spec.vocab_size}")
         from .runtime.drafters.model import ModelDrafter
 
-        threads = opts.threads if opts.draft_threads is None else opts.draft_threads
+        threads = opts.draft_threads
+        if threads is None:  # see EngineOptions.draft_threads
+            threads = 1 if opts.pipeline else opts.threads
         draft = ModelRunner(_onnx_path(root, manifest, "draft"), draft_entry.spec,
                             opts.draft_providers or opts.providers,
                             max_context=min(max_context, draft_entry.spec.max_position),
