@@ -70,9 +70,12 @@ def test_quick_json_has_every_field_with_sane_values(quick):
         assert 0 <= s["agreement"]["median"] <= 1, name
         assert s["weight_bytes"] > 50 * 2**20 and s["ceiling_tps"] > 0, name
         assert set(s["ratio_to_fastest_anchor"]) == {"decode_tps", "prefill_tps", "ttft_s", "peak_rss_bytes"}
-        if m["speculative"]:
+        runs = [r for r in data["runs"] if r["method"] == name]
+        if m["speculative"] and any(r["result"]["proposed"] for r in runs if not r["warmup"]):
             assert 0 <= s["acceptance_rate"]["median"] <= 1, name
             assert s["mean_accepted_len"]["median"] >= 1, name
+        elif m["speculative"]:  # Token Recycling, reset before each run, has nothing to draft
+            assert name.endswith("recycle") and s["acceptance_rate"]["median"] is None, name  # in 12 tokens
         else:
             assert s["acceptance_rate"]["median"] is None, name
             assert s["mean_accepted_len"]["median"] == pytest.approx(1.0), name

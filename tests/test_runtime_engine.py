@@ -282,8 +282,50 @@ def test_auto_mode_decodes_plain_while_speculation_measures_slower(tiny):
     eng.drafters["slow"] = SlowOracle(PROMPT, ref)
     r = eng.generate(PROMPT, max_new_tokens=N, mode="auto", drafter="slow")
     assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
-    # 2 plain probe steps, 3 losing speculative rounds, then plain: most steps ran plain
-    assert r.stats.auto_plain_steps >= N // 2 and r.stats.verifications <= 6
+    # 2 plain probe steps, a stint of each arm (one catch-up round + at least 3 counted, 16 tokens,
+    # all losing), then plain: a named drafter gives two arms, its tree and its chain
+    rounds = r.stats.auto_rounds
+    assert set(rounds) == {"tree:slow", "chain:slow"} and min(rounds.values()) >= 4, rounds
+    assert r.stats.verifications == sum(rounds.values()) and r.stats.auto_plain_steps >= 2
+    g = next(iter(eng._gates.values()))
+    assert g.switches >= 1 and g.current is None  # it lost and decodes plain now
     forced = eng.generate(PROMPT, max_new_tokens=N, mode="tree", drafter="slow")  # an explicit mode: no gate
-    assert forced.stats.auto_plain_steps == 0 and forced.stats.verifications > 0
+    assert forced.stats.auto_plain_steps == 0 and forced.stats.verifications > 0 and not forced.stats.auto_rounds
     assert same_or_near_tie(forced.tokens, ref, gaps)
+
+
+def test_auto_mode_without_a_named_drafter_also_measures_token_recycling_chains(tiny):
+    _, _, ref, gaps = tiny
+    eng = make_engine(tiny)
+    eng.drafters["slow"] = SlowOracle(PROMPT, ref)
+    eng.default_drafters = ("slow",)
+    assert "recycle" in eng.drafters
+    rounds: dict[str, int] = {}
+    for _ in range(2):  # the gate lives with the engine: the second call goes on measuring
+        r = eng.generate(PROMPT, max_new_tokens=N, mode="auto")
+        assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
+        for k, n in r.stats.auto_rounds.items():
+            rounds[k] = rounds.get(k, 0) + n
+    g = next(iter(eng._gates.values()))
+    assert set(rounds) == {"tree:slow", "chain:slow", "chain:recycle"}, g.rates
+    assert all(n >= 4 for n in rounds.values()), rounds  # every arm got a measured stint
+    eng.auto_alternatives = False  # what a streamed target does: only the default tree
+    r = eng.generate(PROMPT, max_new_tokens=N, mode="auto")
+    assert set(r.stats.auto_rounds) <= {"tree:slow"} and same_or_near_tie(r.tokens, ref, gaps)
+
+
+def test_reset_drafters_forgets_token_recycling_tables_and_keeps_output(tiny):
+    _, _, ref, gaps = tiny
+    eng = make_engine(tiny)
+    rec = eng.drafters["recycle"]
+    cold = eng.generate(PROMPT, max_new_tokens=N, mode="chain", drafter="recycle")
+    assert (rec.adj >= 0).any()  # the table learned from the target's top-k
+    warm = eng.generate(PROMPT, max_new_tokens=N, mode="chain", drafter="recycle")
+    # the same prompt again: the table has seen its continuation and drafts it from memory
+    assert warm.stats.accepted_tokens > cold.stats.accepted_tokens
+    eng.reset_drafters()
+    assert (rec.adj == -1).all()
+    again = eng.generate(PROMPT, max_new_tokens=N, mode="chain", drafter="recycle")
+    assert again.stats.accepted_tokens == cold.stats.accepted_tokens  # deterministic from a fresh table
+    for r in (cold, warm, again):
+        assert same_or_near_tie(r.tokens, ref, gaps)

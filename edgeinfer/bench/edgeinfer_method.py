@@ -82,6 +82,9 @@ class EdgeinferMethod(Method):
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> RunResult:
         gen = self.gen.replace(max_new_tokens=max_new_tokens)
+        # every run drafts as a fresh engine would: runs repeat the same prompts, and a Token
+        # Recycling table that saw a prompt's output before would draft it from memory
+        self.engine.reset_drafters()
         clock = TokenClock()
         stream = self.engine.stream_tokens(prompt_ids, gen)
         batches = 0

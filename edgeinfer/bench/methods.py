@@ -3,8 +3,10 @@
 Names are stable (they key the JSON and the Markdown table):
 
     edgeinfer plain | edgeinfer chain <drafter> | edgeinfer tree <drafter> [@<node budget>]
-    edgeinfer auto <first drafter>   (mode="auto": tree speculation while it measures faster than
-                                      plain decoding, runtime/gate.py; learns during the warm-up)
+    edgeinfer auto                   (mode="auto" with the bundle's defaults, what `edgeinfer run`
+                                      does: the fastest of plain decoding, the draft's tree and
+                                      chain and Token Recycling chains, as measured while it runs,
+                                      runtime/gate.py; learns during the warm-up)
     llama.cpp <PREC> [+lookup] | genai <int4|fp32> | transformers fp32 [+lookup]
 
 ``BenchConfig.methods`` holds fnmatch patterns on these names ("llama.cpp *", "edgeinfer tree*").
@@ -37,8 +39,8 @@ def candidates(config: BenchConfig, drafters: tuple[str, ...]) -> list[Candidate
     out: list[Candidate] = [Candidate("edgeinfer plain", "edgeinfer", "edgeinfer", "bundle",
                                       (("mode", "plain"),))]
     if drafters:
-        out.append(Candidate(f"edgeinfer auto {drafters[0]}", "edgeinfer", "edgeinfer", "bundle",
-                             (("mode", "auto"), ("drafter", drafters[0])), speculative=True))
+        out.append(Candidate("edgeinfer auto", "edgeinfer", "edgeinfer", "bundle",
+                             (("mode", "auto"),), speculative=True))
     for d in drafters:
         out.append(Candidate(f"edgeinfer chain {d}", "edgeinfer", "edgeinfer", "bundle",
                              (("mode", "chain"), ("drafter", d)), speculative=True))

@@ -65,9 +65,10 @@ def format_stats(stats) -> str:
         lines.append(f"verifications {stats.verifications}, acceptance {stats.acceptance_rate:.0%}, "
                      f"mean accepted {stats.mean_accepted:.2f} per verification")
         lines.append(f"time: target {stats.target_seconds:.2f} s, drafting {stats.draft_seconds:.2f} s")
-    if stats.auto_plain_steps:
-        lines.append(f"auto mode: {stats.auto_plain_steps} steps decoded plain (measuring plain speed, or "
-                     "where speculation measured slower)")
+    if stats.auto_plain_steps or stats.auto_rounds:
+        rounds = ", ".join(f"{n} {k} rounds" for k, n in stats.auto_rounds.items())
+        lines.append(f"auto mode: {rounds + ', ' if rounds else ''}{stats.auto_plain_steps} plain steps "
+                     "(measuring each setup, then the fastest)")
     lines.append("providers: " + ", ".join(f"{k}={v}" for k, v in stats.providers.items()))
     for k, note in stats.provider_notes.items():
         if note:

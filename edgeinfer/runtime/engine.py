@@ -67,6 +67,21 @@ class TextStream:
         self._steps.close()  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class Arm:
+    """A speculative setup mode="auto" may choose: a name ("tree:model"), a mode, a drafter."""
+
+    name: str
+    mode: str  # "tree" | "chain"
+    drafter: Any
+
+    def draft_step(self) -> float | None:
+        """Seconds per drafted token for a drafter that runs a model step for each one."""
+        from .drafters.model import ModelDrafter
+
+        return self.drafter.step_seconds if isinstance(self.drafter, ModelDrafter) else None
+
+
 class Engine:
     """A target ModelRunner, a tokenizer and named drafters."""
 
@@ -74,7 +89,7 @@ class Engine:
                  drafters: Mapping[str, Any] | None = None, *, default_drafters: Sequence[str] | None = None,
                  defaults: GenerationConfig | None = None, eos_token_ids: Sequence[int] | None = None,
                  draft_runners: Mapping[str, ModelRunner] | None = None, prefill_chunk: int = 512,
-                 pipeline: bool = False, pipeline_max_ahead: int = 8) -> None:
+                 pipeline: bool = False, pipeline_max_ahead: int = 8, auto_alternatives: bool = True) -> None:
         self.target = target
         self.tokenizer = tokenizer
         self.drafters: dict[str, Any] = dict(drafters or {})
@@ -89,7 +104,11 @@ class Engine:
         # thread while the target verifies on a worker; only for drafters with ``speculate``
         self.pipeline, self.pipeline_max_ahead = pipeline, pipeline_max_ahead
         self.last_result: GenerationResult | None = None
-        self._gates: dict[str, Any] = {}  # mode="auto": SpeculationGate per drafter (runtime/gate.py)
+        self._gates: dict[tuple[str, ...], Any] = {}  # mode="auto": SpeculationGate per set of arms
+        # mode="auto" also tries chains and (no drafter named) Token Recycling chains besides the
+        # tree of the default drafter; a streamed target, where every step is a pass over storage,
+        # keeps to the tree (see offload_engine.py)
+        self.auto_alternatives = auto_alternatives
 
     @property
     def max_context(self) -> int:
@@ -100,6 +119,15 @@ class Engine:
         return {name: r.provider for name, r in self.runners.items()}
 
     # -- public API ------------------------------------------------------------------------
+    def reset_drafters(self) -> None:
+        """Forget what drafters learned from earlier generations (Token Recycling's table), so
+        the next generation drafts as in a freshly loaded engine; models stay loaded and auto
+        mode keeps its measured speeds."""
+        for d in self.drafters.values():
+            forget = getattr(d, "forget", None)  # drafters/base.py: state across generations
+            if forget is not None:
+                forget()
+
     def config(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
         """``config`` (or the engine defaults) with keyword overrides; ``drafter`` may be a name
         or a list of names. None values are ignored."""
@@ -307,72 +335,109 @@ class Engine:
         context = list(ids) + [first]
         yield [first]
         produced = 1
-        policy = pipe = None
-        if mode != "plain" and cfg.fallback.enabled:
-            from .policy import make_policy
+        arms = self._arms(cfg, mode, drafter)
+        helpers: dict[int, tuple[Any, Any]] = {}  # id(drafter) -> (its policy, its pipeline)
 
-            policy = make_policy(cfg, runner, drafter)
-        if mode != "plain" and self.pipeline and hasattr(drafter, "speculate"):
-            from .pipeline import PipelinedSpeculator
+        def helpers_of(d: Any) -> tuple[Any, Any]:
+            if id(d) not in helpers:
+                policy = pipe = None
+                if cfg.fallback.enabled:
+                    from .policy import make_policy
 
-            pipe = PipelinedSpeculator(drafter, target_step, policy, max_ahead=self.pipeline_max_ahead,
-                                       learn=False)
-        name = getattr(drafter, "name", "drafter")
+                    policy = make_policy(cfg, runner, d)
+                if self.pipeline and hasattr(d, "speculate"):
+                    from .pipeline import PipelinedSpeculator
+
+                    pipe = PipelinedSpeculator(d, target_step, policy, max_ahead=self.pipeline_max_ahead,
+                                               learn=False)
+                helpers[id(d)] = policy, pipe
+            return helpers[id(d)]
+
+        if mode != "plain":
+            helpers_of(drafter)
         empty = TokenTree()
         gate = None
-        # mode="auto", greedy: speculate only while it measures faster. Not when sampling: the
-        # timing-dependent choice would change which random draws a seed's output takes.
-        if cfg.mode == "auto" and mode != "plain" and cfg.greedy:
-            from .drafters.model import ModelDrafter
+        # mode="auto", greedy: decode with whichever arm (or plain decoding) measures fastest.
+        # Not when sampling: the timing-dependent choice would change which random draws a
+        # seed's output takes.
+        if arms:
             from .gate import SpeculationGate
 
-            # one gate per drafter for the engine's life: what one generation measured (the rates,
-            # a backoff) carries over to the next
-            gate = self._gates.setdefault(name, SpeculationGate())
-            per_token_steps = isinstance(drafter, ModelDrafter)  # every drafted token costs a step
+            # one gate per set of arms for the engine's life: what one generation measured (the
+            # rates, a backoff) carries over to the next
+            gate = self._gates.setdefault(tuple(arms), SpeculationGate(tuple(arms)))
+        observers = list({id(a.drafter): a.drafter for a in arms.values()}.values()) or [drafter]
         try:
             while produced < cfg.max_new_tokens:
                 room = runner.max_context - runner.past_len - 1  # positions left after the root
                 depth_cap = min(cfg.max_new_tokens - produced - 1, room)
                 t_step = now()
-                plain = mode == "plain" or depth_cap <= 0
-                gated = not plain and gate is not None and not gate.speculate(
-                    drafter.step_seconds if per_token_steps else None)
-                if plain or gated:
+                arm = None
+                if mode != "plain" and depth_cap > 0:
+                    if gate is None:
+                        arm = Arm(mode, mode, drafter)
+                    else:
+                        chosen = gate.choose({k: a.draft_step() for k, a in arms.items()})
+                        arm = arms[chosen] if chosen is not None else None
+                if arm is None:
                     result = target_step(context, empty)
-                    if gated:
-                        self._observe(drafter, None, result, stats, trace, name)  # e.g. recycling learns
+                    if gate is not None:
+                        for d in observers:  # e.g. recycling learns from plain steps too
+                            self._observe(d, None, result, stats, trace, getattr(d, "name", "drafter"))
                         gate.record_plain(now() - t_step, len(result.tokens))
                         stats.auto_plain_steps += 1
                 else:
+                    d = arm.drafter
+                    name = getattr(d, "name", "drafter")
+                    policy, pipe = helpers_of(d)
                     if policy is not None:
                         policy.refresh()  # cost-aware: the latest measured costs (LLMCad: nothing)
                     budget = policy.budget() if policy is not None else cfg.tree
                     budget = dataclasses.replace(
                         budget, max_nodes=min(budget.max_nodes, room), max_depth=min(budget.max_depth, depth_cap),
-                        branch_threshold=1.0 if mode == "chain" else budget.branch_threshold)
+                        branch_threshold=1.0 if arm.mode == "chain" else budget.branch_threshold)
                     t0 = now()
                     if pipe is not None:  # propose, then verify on a worker while the draft speculates
                         target_before = stats.target_seconds
                         result = pipe.step(context, budget)
                         stats.draft_seconds += now() - t0 - (stats.target_seconds - target_before)
                     else:
-                        tree = drafter.propose(context, budget, stop=policy.should_verify if policy else None)
-                        tree = fit_tree(tree, budget, chain=mode == "chain")
+                        tree = d.propose(context, budget, stop=policy.should_verify if policy else None)
+                        tree = fit_tree(tree, budget, chain=arm.mode == "chain")
                         t1 = now()
                         trace.record("draft", name, t0, t1, len(tree))
                         stats.draft_seconds += t1 - t0
                         result = target_step(context, tree)
-                    self._observe(drafter, policy, result, stats, trace, name)
+                    self._observe(d, policy, result, stats, trace, name)
+                    for other in observers:
+                        if other is not d:
+                            self._observe(other, None, result, stats, trace, getattr(other, "name", "drafter"))
                     if gate is not None:
-                        gate.record_round(now() - t_step, len(result.tokens))
+                        gate.record_round(now() - t_step, len(result.tokens), arm.name)
+                        stats.auto_rounds[arm.name] = stats.auto_rounds.get(arm.name, 0) + 1
                 batch = result.tokens
                 context.extend(batch)
                 produced += len(batch)
                 yield batch
         finally:
-            if pipe is not None:
-                pipe.close()
+            for _, pipe in helpers.values():
+                if pipe is not None:
+                    pipe.close()
+
+    def _arms(self, cfg: GenerationConfig, mode: str, drafter: Any) -> dict[str, "Arm"]:
+        """mode="auto" with greedy decoding: the speculative setups the gate chooses among (with
+        plain decoding). The resolved drafter as a tree and as a chain; when the call named no
+        drafter, also Token Recycling chains (the fastest mode on the default pair). {} otherwise."""
+        if cfg.mode != "auto" or mode == "plain" or not cfg.greedy:
+            return {}
+        label = getattr(drafter, "name", "drafter")
+        arms = [Arm(f"tree:{label}", "tree", drafter)]
+        if self.auto_alternatives:
+            arms.append(Arm(f"chain:{label}", "chain", drafter))
+            recycle = self.drafters.get("recycle")
+            if not cfg.drafters and recycle is not None and recycle is not drafter:
+                arms.append(Arm("chain:recycle", "chain", recycle))
+        return {a.name: a for a in arms}
 
     @staticmethod
     def _observe(drafter: Any, policy: Any, result: VerifyResult, stats: GenerationStats,

@@ -94,4 +94,5 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         defaults = GenerationConfig(tree=TreeBudget(max_nodes=n, max_depth=max(8, n // 2)))
     return Engine(runner, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=runners,
-                  pipeline="model" in available, pipeline_max_ahead=opts.pipeline_max_ahead)
+                  pipeline="model" in available, pipeline_max_ahead=opts.pipeline_max_ahead,
+                  auto_alternatives=False)  # every step is a pass over storage: trees pay most

@@ -59,6 +59,8 @@ class GenerationStats:
     target_seconds: float = 0.0  # target forward passes (prefill + decode)
     # mode="auto": decoding steps the SpeculationGate ran plain (speculation measured slower)
     auto_plain_steps: int = 0
+    # mode="auto": speculative rounds per arm the gate chose ("tree:model", "chain:recycle", ...)
+    auto_rounds: dict[str, int] = field(default_factory=dict)
     providers: dict[str, str] = field(default_factory=dict)  # model -> execution provider
     provider_notes: dict[str, str] = field(default_factory=dict)  # model -> why others were skipped
     finish_reason: str = ""  # eos | stop | length

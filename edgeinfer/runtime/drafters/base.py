@@ -12,6 +12,10 @@ last committed token, within a :class:`TreeBudget` (one definition, in runtime/c
 ``propose`` may also take ``stop``: a callable on the tree grown so far, checked after every
 draft step, for policies richer than one threshold (policy.CostAwarePolicy) and for the
 pipeline. Drafters whose trees cost nothing to build (n-gram, recycling) ignore it.
+
+A drafter that learns across generations (Token Recycling's table) has ``forget()``, which
+``Engine.reset_drafters`` calls (benchmarks do before every run: a table that saw the same
+prompt's output before drafts it far better than it would a new prompt).
 """
 from __future__ import annotations
 

@@ -104,7 +104,9 @@ class ModelDrafter:
         # spec_hits: re-rooted at a speculated node (tree start reused); spec_kv_hits: speculated
         # K/V committed (the verified context ran into, but not through, the speculation)
         self.stats = {"forwards": 0, "forward_tokens": 0, "reroots": 0, "spec_hits": 0, "spec_kv_hits": 0}
-        # running mean (weight 0.2) of one-token forwards: a draft step's cost for CostAwarePolicy
+        # running mean (weight 0.2) of one-token forwards on the critical path (not the pipeline's
+        # speculation, which shares the cores with a target pass and runs slower): a draft
+        # step's cost for CostAwarePolicy and auto mode's gate
         self.step_seconds: float | None = None
         self._committed: list[int] = []  # mirrors the runner's committed cache
         self._slot_tok: list[int] = []  # mirrors the runner's scratch: token, parent slot
@@ -125,7 +127,7 @@ class ModelDrafter:
             self.trace.append((kind, t0, t1))
         self.stats["forwards"] += 1
         self.stats["forward_tokens"] += len(tokens)
-        if len(tokens) == 1:
+        if len(tokens) == 1 and kind != "speculate":  # not the steps that overlap a target pass
             dt = t1 - t0
             self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
         for i, t in enumerate(tokens):
