@@ -365,7 +365,10 @@ class Engine:
 
             # one gate per set of arms for the engine's life: what one generation measured (the
             # rates, a backoff) carries over to the next
-            gate = self._gates.setdefault(tuple(arms), SpeculationGate(tuple(arms)))
+            key = tuple(arms)
+            if key not in self._gates:
+                self._gates[key] = SpeculationGate(key)
+            gate = self._gates[key]
         observers = list({id(a.drafter): a.drafter for a in arms.values()}.values()) or [drafter]
         try:
             while produced < cfg.max_new_tokens:
@@ -427,7 +430,8 @@ class Engine:
     def _arms(self, cfg: GenerationConfig, mode: str, drafter: Any) -> dict[str, "Arm"]:
         """mode="auto" with greedy decoding: the speculative setups the gate chooses among (with
         plain decoding). The resolved drafter as a tree and as a chain; when the call named no
-        drafter, also Token Recycling chains (the fastest mode on the default pair). {} otherwise."""
+        drafter, also Token Recycling chains (free to draft: they win on repetitive text and
+        where a draft model is too slow for its target). {} otherwise."""
         if cfg.mode != "auto" or mode == "plain" or not cfg.greedy:
             return {}
         label = getattr(drafter, "name", "drafter")

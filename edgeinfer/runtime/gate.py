@@ -1,44 +1,42 @@
 """`SpeculationGate`: in ``mode="auto"``, decode with whichever setup measures fastest.
 
-Speculation pays only when a draft step costs much less than a target step. Whether it does
-depends on the pair and the machine: an fp32 SmolLM2 target with its int4 draft speculates at
-1.2x its plain speed on 2 cores, but the same draft next to the *exact* int4 target (quant/
-exact.py, 1.6x faster per step than fp32) speculates at 0.75-0.8x plain. Which drafter and tree shape win depends on them too (measured on the default
-pair, 2 cores: Token Recycling chains 1.31x plain, draft-model chains 1.13x, draft-model trees
-1.02x). So auto mode measures plain decoding and each speculative *arm* (a mode and drafter,
-e.g. ``"chain:recycle"``) and picks, round by round:
+Speculation pays only when a draft step costs much less than a target step, and which drafter
+and tree shape pay most depends on the pair, the machine and the text. Measured on 2 cores
+(SmolLM2, 96 tokens): the fp32 target with its int4 draft speculates at 1.5x its plain speed
+in chains, 1.4x in trees; Token Recycling chains on new text gain under 10%; next to the *exact*
+int4 target (quant/exact.py, 1.6x faster per step than fp32) no speculation pays. So auto mode
+measures plain decoding and each speculative *arm* (a mode and a drafter, e.g.
+``"chain:model"``, ``"chain:recycle"``) and picks, round by round:
 
 * ``plain_probe`` plain steps first (the plain rate, an exponential mean of tokens/s);
-* then a *stint* of each arm in turn: a round's rate is its emitted tokens over its wall time
+* then a *stint* of each arm in turn. A round's rate is its emitted tokens over its wall time
   (draft + verify + bookkeeping), not counting a stint's first round (a draft model catches up
   then with what other steps produced: measured 19-28 tok/s against a steady 57-70 for
   SmolLM2); a stint is measured after ``min_rounds`` counted rounds that emitted at least
-  ``min_tokens`` tokens (per-round rates are noisy: a draft model's round gives 1-9 tokens,
-  a Token Recycling round 1-3);
-* once every arm has been measured, the best one runs on, and the gate moves to another arm
-  whose last measured rate beats the running one's by ``margin``; while the best rate stays
-  below the plain rate times (1 - ``margin``), it switches to plain steps, then tries the arm
-  measured longest ago (text changes: a repetitive stretch suits n-gram drafts); ``plain_steps`` doubles
-  after each lost try (up to ``max_backoff`` times) and is reset by a won one;
+  ``min_tokens`` tokens (a draft model's round gives 1-13 tokens, a Token Recycling round 1-3),
+  as weighted tokens over weighted seconds (a mean of per-round rates would let one round that
+  accepted nothing drag a good arm down);
+* once every arm is measured the best one runs on, and the gate moves to another arm whose
+  last rate beats the running one's by ``margin``; while the best rate stays below the plain
+  rate times (1 - ``margin``) it decodes plain, then tries the arm measured longest ago (text
+  changes: a repetitive stretch suits n-gram and recycling drafts); the plain stretch
+  (``plain_steps``) doubles after each lost try (up to ``max_backoff`` times) and is reset by a
+  won one;
 * a draft model whose every token costs one draft step of ``d`` seconds can never beat plain
   decoding when ``d`` is at least a plain step (a round of k steps yields at most k + 1 tokens
-  for more than k * d + one plain step of time): given its ``draft_step``, the gate skips such
-  an arm without a stint and re-checks it only on the backoff schedule;
-* while speculating it re-measures the plain rate with one plain step every ``refresh`` rounds,
-  and, with several arms, it gives the arm measured longest ago another stint once
+  for more than k * d + one plain step of time): given its ``draft_step``, such an arm is
+  skipped without a stint and re-checked only on the backoff schedule;
+* while speculating it re-measures the plain rate with one plain step every ``refresh``
+  rounds, and, with several arms, gives the arm measured longest ago another stint once
   ``explore_seconds`` of decoding, and at least ``explore_cost`` times that arm's last stint,
-  have passed since the last such stint (a rate taken on other text, or for Token Recycling
-  with its table still empty, goes stale; a slow arm is re-measured less often).
-
-Measured (SmolLM2, 2 cores, 96 tokens): with the exact int4 target (14 ms per step) and its
-int4 draft (12.6 ms per step) auto mode ran at 0.77x plain before the draft-step bound and the
-backoff, probing and losing three rounds every 32 tokens.
+  have passed since the last such stint (a rate taken on other text, or by Token Recycling with
+  its table still empty, goes stale; a slow arm is re-measured less often).
 
 Greedy decoding only: under sampling the choice, which depends on timing, would change which
 random draws a seed's output is made of (the distribution stays the target's, but a seed
-would no longer reproduce its text). The engine keeps one gate per drafter for its whole
-life (one per set of arms), so what one generation measured carries over to the next. Output is the same either way
-(both are the target's own choice), so this only moves speed.
+would no longer reproduce its text). The engine keeps one gate per set of arms for its whole
+life, so what one generation measured carries over to the next. Output is the same whichever
+arm runs (the target decides every token), so this only moves speed.
 """
 from __future__ import annotations
 
@@ -55,8 +53,9 @@ class SpeculationGate:
     rates; see the module docstring."""
 
     def __init__(self, arms: Sequence[str] = (SPEC,), plain_probe: int = 2, min_rounds: int = 3,
-                 min_tokens: int = 16, plain_steps: int = 32, refresh: int = 32, margin: float = 0.05, weight: float = 0.3,
-                 max_backoff: int = 4, explore_seconds: float = 1.0, explore_cost: float = 5.0) -> None:
+                 min_tokens: int = 16, plain_steps: int = 32, refresh: int = 32, margin: float = 0.05,
+                 weight: float = 0.3, max_backoff: int = 4, explore_seconds: float = 1.0,
+                 explore_cost: float = 5.0) -> None:
         if not arms or len(set(arms)) != len(arms):
             raise ValueError(f"SpeculationGate: arms must be distinct names, got {list(arms)}")
         self.arms = tuple(arms)
@@ -205,7 +204,8 @@ class SpeculationGate:
         else:
             self._since_explore += seconds
             best = self._best()
-            if not self._beats_plain(self._stint_rate) and (best == arm or not self._beats_plain(self.rates[best])):
+            others_lose = best == arm or not self._beats_plain(self.rates[best])
+            if not self._beats_plain(self._stint_rate) and others_lose:
                 self._lose()
             elif best != arm and self.rates[best] > self._stint_rate * (1 + self.margin):
                 self._start(best)

@@ -62,6 +62,11 @@ def resolve_provider(name: str) -> str:
     return full
 
 
+# onnxruntime's session config entry that ends the intra-op threads' spinning with each run
+# (see SessionSettings.stop_spinning)
+STOP_SPINNING = ("session.force_spinning_stop", "1")
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """onnxruntime session options exposed to users."""
@@ -99,7 +104,7 @@ class SessionSettings:
         so.log_severity_level = self.log_severity
         so.enable_cpu_mem_arena = self.memory_arena
         if self.stop_spinning:
-            so.add_session_config_entry("session.force_spinning_stop", "1")
+            so.add_session_config_entry(*STOP_SPINNING)
         return so
 
 

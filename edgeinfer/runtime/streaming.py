@@ -40,7 +40,7 @@ from .kvcache import KVCache
 from .memory import current_usage, resolve_budget, return_freed_memory
 from .offload import (FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes, plan_offload,
                       safety_margin)
-from .providers import CPU, ProviderReport
+from .providers import CPU, STOP_SPINNING, ProviderReport
 from .session import ModelRunner
 from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph, load_shard_graph,
                            row_gather_weight, split_head)
@@ -165,6 +165,9 @@ class StreamingRunner(ModelRunner):
         # no arena: per-pass buffers are freed after the pass (with return_freed_memory, back to
         # the system), so between passes only weights and caches stay resident
         self._so.enable_cpu_mem_arena = False
+        # one thread pool per layer session: a pool still spinning after its layer would take
+        # the cores from the next layer's and from the draft's steps (providers.STOP_SPINNING)
+        self._so.add_session_config_entry(*STOP_SPINNING)
         return_freed_memory()
         self._sessions: dict[str, ort.InferenceSession] = {}
         for g in [embed] + self._layers + ([] if self._split else [head]):
