@@ -174,3 +174,62 @@ def test_draft_spec_parses_affine_and_head():
         DraftFromTarget.parse("fp8,affine")
     with pytest.raises((ConfigError, QuantizationError), match="head"):
         DraftFromTarget.parse("int4,head=int3")
+
+
+def _q8_0(rng, n: int, k: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    w = rng.standard_normal((n, -(-k // 32) * 32)).astype(np.float32)
+    return quants.dequantize(quants.quantize(w, T.Q8_0), T.Q8_0).astype(np.float32)[:, :k].copy()
+
+
+def _q4_0(rng, n: int, k: int) -> np.ndarray:
+    """d * (j - 8), j in 0..15, fp16 d: a dequantized Q4_0 tensor."""
+    nb = -(-k // 32)
+    d = (rng.random((n, nb)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
+    j = rng.integers(0, 16, size=(n, nb, 32)).astype(np.float32)
+    return (d[:, :, None] * (j - 8)).reshape(n, nb * 32)[:, :k].astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [96, 100])
+def test_grids_through_zero_become_symmetric_without_offsets(k):
+    rng = np.random.default_rng(9)
+    for fmt, w in ((WeightFormat.INT8, _q8_0(rng, 12, k)), (WeightFormat.INT4, _q4_0(rng, 12, k))):
+        if k % 32:  # a ragged last block: its few values must show the step and reach zero
+            step = np.abs(w[:, :32]).max(axis=1, keepdims=True) / (127 if fmt is WeightFormat.INT8 else 8)
+            w[:, 96:] = step * np.array([-2, -1, 0, 1], np.float32)
+            w = quantize_reference(w, fmt, 32, affine=True).dequantize()  # exactly on its grid
+        qt = quantize(w, fmt, 32, affine=True)
+        assert not qt.affine and qt.symmetric and qt.zero_points is None, fmt
+        assert np.array_equal(qt.dequantize(), w), fmt  # the very same values
+        assert same(qt, quantize_reference(w, fmt, 32, affine=True)), fmt
+        if k % 32:  # the padding of the ragged last block holds the code of 0.0
+            assert np.all(qt.q.reshape(12, -1)[:, k:] == 1 << (qt.bits - 1))
+    # a Q4_1 grid (an arbitrary block minimum) keeps its offsets, also in int8
+    for fmt in INT:
+        assert quantize(q41_grid(rng, 12, k), fmt, 32, affine=True).affine
+    # one block off a zero-through grid keeps the whole tensor affine
+    w = _q8_0(rng, 4, 64)
+    w[2, 32:64] = q41_grid(rng, 1, 32)[0]
+    assert quantize(w, WeightFormat.INT8, 32, affine=True).affine
+
+
+def test_onnx_linear_of_a_q8_0_grid_has_no_offset_term_and_is_exact():
+    rng = np.random.default_rng(10)
+    g = _q8_0(rng, 40, 96)
+    r = QuantRecipe(WeightFormat.INT8, 32, affine=True, accuracy_level=0)
+    nodes, inits = encode_linear("lm_head.weight", g, None, r, WeightFormat.INT8, "x", "y")
+    en, ei = encode_embedding("embed_tokens.weight", g, WeightFormat.INT8, "ids", "e", recipe=r,
+                              share="lm_head.weight")
+    assert not [n for n in nodes + en if "Offset" in n.name]
+    assert not [i for i in inits + ei if i.name.endswith("offsets")]
+    s = _session(nodes + en, inits + ei,
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 96]),
+                  helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "n"])], ["y", "e"])
+    x = rng.standard_normal((1, 5, 96)).astype(np.float32)
+    ids = np.array([[0, 3, 39, 7, 7]])
+    y, e = s.run(None, {"x": x, "ids": ids})
+    want = x @ g.T
+    assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(e, g[ids])

@@ -30,6 +30,12 @@ uncentred codes 0..15 of a Q4_1 grid in int8 blocks wreck MatMulNBits' accuracy_
 perplexity 32000 instead of 29; centred they are fine.)
 Re-quantizing an already quantized checkpoint therefore adds no error wherever the new format
 can hold the old grid, instead of rounding a second time.
+When every block's grid contains zero at a whole code (``offset == (2**(bits-1) - z) * scale``
+for an integer ``z``, as for a symmetric source such as Q8_0 or Q4_0), the codes are shifted by
+``2**(bits-1) - z`` and the tensor is returned *symmetric*, without offsets, if they all still
+fit and no element moves further from ``w``: the same values, without the offset term's nodes
+and bytes (measured: the int8 head of the default draft, a Q8_0 table, 1.40 -> 1.25 ms a step,
+3.4 MiB less held).
 
 FP8 is E4M3 (``ml_dtypes.float8_e4m3fn``, max 448) with one float32 scale per block,
 ``scale = amax / 448``, ``q = fp8(w / scale)`` (round to nearest even), ``w ~ float(q) * scale``;
@@ -287,7 +293,8 @@ def quantize_reference(w: np.ndarray, fmt: WeightFormat, block_size: int,
                     w[r, b * block_size:(b + 1) * block_size], format_bits(fmt))
                 q[r, b, :] = codes[-1]  # padding repeats the last real element
                 q[r, b, :codes.size] = codes
-        return QuantizedTensor(fmt, block_size, True, q, scales, None, (n, k), offsets=offsets)
+        return _symmetric_form(w, QuantizedTensor(fmt, block_size, True, q, scales, None, (n, k),
+                                                  offsets=offsets))
     fp8 = fmt is WeightFormat.FP8
     q = np.zeros((n, nb, block_size), dtype=_fp8_dtype() if fp8 else np.uint8)
     scales = np.zeros((n, nb), dtype=np.float32)
@@ -370,6 +377,30 @@ def _affine_rows(w: np.ndarray, bits: int, block_size: int
     return q, scales, (lo + (f32(mid) - shift) * scales).astype(f32)
 
 
+def _symmetric_form(w: np.ndarray, qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` (affine) as a symmetric tensor without offsets when that holds the same grid (see
+    the module docstring); ``qt`` itself otherwise."""
+    f32 = np.float32
+    bits = qt.bits
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+    s_, off = qt.scales, qt.offsets
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(s_ != 0, _roundf(f32(mid) - off / s_), f32(mid))
+    if not np.all(np.where(s_ != 0, (f32(mid) - z) * s_ == off, off == 0)):
+        return qt
+    q = qt.q.astype(np.int32) + (mid - z.astype(np.int32))[:, :, None]
+    n, k = qt.shape
+    if qt.n_blocks * qt.block_size != k:  # padding holds the code of 0.0, as symmetric tensors do
+        q.reshape(n, -1)[:, k:] = mid
+    if q.min() < 0 or q.max() > qmax:
+        return qt
+    sym = QuantizedTensor(qt.format, qt.block_size, True, q.astype(np.uint8), s_, None, qt.shape)
+    new, old = sym.dequantize(), qt.dequantize()
+    if not np.all(np.abs(new - w) <= np.abs(old - w)):
+        return qt
+    return sym
+
+
 _CHUNK = 1 << 22  # elements quantized at once (bounds temporary memory for big tables)
 
 
@@ -385,7 +416,8 @@ def quantize(w: np.ndarray, fmt: WeightFormat, block_size: int,
         parts = [_affine_rows(w[i:i + rows], format_bits(fmt), block_size)
                  for i in range(0, n, rows)]
         q, scales, offsets = (np.concatenate([p[j] for p in parts]) for j in range(3))
-        return QuantizedTensor(fmt, block_size, True, q, scales, None, (n, k), offsets=offsets)
+        return _symmetric_form(w, QuantizedTensor(fmt, block_size, True, q, scales, None, (n, k),
+                                                  offsets=offsets))
     if n <= rows:
         q, scales, zp = _quantize_rows(w, fmt, block_size, symmetric)
     else:
