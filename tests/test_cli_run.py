@@ -62,3 +62,16 @@ def test_run_empty_and_too_long_prompt(bundle, capsys):
     assert "prompt: empty" in capsys.readouterr().err
     assert main(["run", str(bundle), "word " * 400, "--max-context", "64"]) == 1
     assert "context limit is 64 tokens" in capsys.readouterr().err
+
+
+def test_run_stats_in_auto_mode_name_the_measured_setups(bundle, capsys):
+    assert main(["run", str(bundle), "the quick brown fox", "--raw", "--max-new-tokens", "40",
+                 "--stats"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "mode tree (model)" in text and "decode" in text
+    # auto mode (the default) reports its plain probe and the rounds of each setup it measured
+    line = next(ln for ln in text.splitlines() if ln.startswith("auto mode:"))
+    assert "plain steps" in line and "tree:model" in line, line
+    js = run_json(capsys, str(bundle), "the quick brown fox", "--raw", "--max-new-tokens", "40")
+    assert js["stats"]["auto_plain_steps"] >= 2 and "tree:model" in js["stats"]["auto_rounds"]
