@@ -69,7 +69,7 @@ def test_run_stats_in_auto_mode_name_the_measured_setups(bundle, capsys):
                  "--stats"]) == 0
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "mode tree (model)" in text and "decode" in text
+    assert "mode auto (model)" in text and "decode" in text
     # auto mode (the default) reports its plain probe and the rounds of each setup it measured
     line = next(ln for ln in text.splitlines() if ln.startswith("auto mode:"))
     assert "plain steps" in line and "tree:model" in line, line

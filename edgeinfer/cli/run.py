@@ -56,7 +56,9 @@ def _prompt(args: argparse.Namespace, engine) -> Any:
 
 
 def format_stats(stats) -> str:
-    lines = [f"mode {stats.mode}" + (f" ({', '.join(stats.drafters)})" if stats.drafters else ""),
+    auto = bool(stats.auto_rounds or stats.auto_plain_steps)
+    drafters = f" ({', '.join(stats.drafters)})" if stats.drafters else ""
+    lines = [f"mode {'auto' if auto else stats.mode}{drafters}",
              f"prompt {stats.prompt_tokens} tokens, prefill {stats.prefill_tokens_per_s:.1f} tok/s, "
              f"time to first token {stats.ttft_seconds * 1000:.0f} ms",
              f"generated {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_s:.1f} tok/s "
@@ -65,7 +67,7 @@ def format_stats(stats) -> str:
         lines.append(f"verifications {stats.verifications}, acceptance {stats.acceptance_rate:.0%}, "
                      f"mean accepted {stats.mean_accepted:.2f} per verification")
         lines.append(f"time: target {stats.target_seconds:.2f} s, drafting {stats.draft_seconds:.2f} s")
-    if stats.auto_plain_steps or stats.auto_rounds:
+    if auto:
         rounds = ", ".join(f"{n} {k} rounds" for k, n in stats.auto_rounds.items())
         lines.append(f"auto mode: {rounds + ', ' if rounds else ''}{stats.auto_plain_steps} plain steps "
                      "(measuring each setup, then the fastest)")
