@@ -119,14 +119,15 @@ def test_a_draft_step_bound_skips_an_arm_without_plain_steps():
 
 def test_a_stale_arm_is_re_measured_after_a_while_and_kept_when_now_faster():
     # rounds of 3 tokens: a at 100 tok/s takes 30 ms a round, b's stint (3 rounds at 60) 150 ms
-    g = SpeculationGate(("a", "b"), min_tokens=0, plain_probe=1, min_rounds=2, refresh=1000, explore_seconds=0.15,
-                        explore_cost=2.0)
+    g = SpeculationGate(("a", "b"), min_tokens=0, plain_probe=1, min_rounds=2, refresh=1000,
+                        explore_seconds=0.15, explore_cost=1.2)
     rates = {"a": 100.0, "b": 60.0}  # b measures slow at first (e.g. an empty recycling table)
     d = run_arms(g, rates, plain_rate=80.0, steps=1 + 3 + 3)
     assert d == ["p"] + ["a"] * 3 + ["b"] * 3  # stints of a and b; b lost to a
     rates["b"] = 150.0  # b has warmed up
     d = run_arms(g, rates, plain_rate=80.0, steps=3 + 10 + 3 + 4)
-    # a's stint, then a until 2 x b's last stint (0.3 s = 10 rounds of a) have passed
+    # a's stint, then a until 1.2 x b's last stint x how much slower b was (0.15 s x 1.2 x 100 /
+    # 60 = 0.3 s = 10 rounds of a) have passed
     assert d[:13] == ["a"] * 13
     assert d[13:] == ["b"] * 7 and g.rates["b"] == pytest.approx(150.0)  # b's new stint, then b runs on
 
