@@ -120,3 +120,16 @@ def test_runtime_does_not_import_torch_or_onnx(bundle):
             "bad = [m for m in ('onnx', 'torch', 'transformers') if m in sys.modules]; "
             "print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_draft_threads_follow_the_target_unless_it_runs_beside_a_pass(bundle):
+    def threads(engine, name):
+        so = engine.runners[name].session.get_session_options()
+        assert so.get_session_config_entry("session.force_spinning_stop") == "1"  # no spinning after a run
+        return so.intra_op_num_threads
+
+    turns = edgeinfer.load(bundle, threads=2)
+    assert threads(turns, "target") == 2 and threads(turns, "draft") == 2
+    beside = edgeinfer.load(bundle, threads=2, pipeline=True)  # drafts while the target verifies
+    assert threads(beside, "draft") == 1
+    assert threads(edgeinfer.load(bundle, threads=2, draft_threads=3), "draft") == 3
