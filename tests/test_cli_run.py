@@ -75,3 +75,13 @@ def test_run_stats_in_auto_mode_name_the_measured_setups(bundle, capsys):
     assert "plain steps" in line and "tree:model" in line, line
     js = run_json(capsys, str(bundle), "the quick brown fox", "--raw", "--max-new-tokens", "40")
     assert js["stats"]["auto_plain_steps"] >= 2 and "tree:model" in js["stats"]["auto_rounds"]
+
+
+
+def test_run_draft_threads_flag(bundle, capsys):
+    js = run_json(capsys, str(bundle), "the quick brown fox", "--raw", "--max-new-tokens", "8",
+                  "--mode", "chain", "--drafter", "model", "--threads", "2", "--draft-threads", "1")
+    assert js["stats"]["verifications"] > 0
+    assert main(["run", str(bundle), "hi", "--draft-threads", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "draft_threads" in err and "Traceback" not in err

@@ -21,7 +21,7 @@ def _load(args: argparse.Namespace):
     drafters = _csv(getattr(args, "drafter", None)) if args.memory_budget else None
     return load(args.bundle, providers=_csv(args.providers), draft_providers=_csv(args.draft_providers),
                 drafters=drafters,
-                threads=args.threads, max_context=args.max_context,
+                threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
                 verify_checksums=not args.no_verify, memory_budget=args.memory_budget)
 
 
@@ -227,6 +227,8 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.add_argument("--providers", help="execution providers in order, e.g. 'qnn,xnnpack,cpu' (default cpu)")
         sp.add_argument("--draft-providers", help="providers for the draft (default: as the target)")
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default: ORT's)")
+        sp.add_argument("--draft-threads", type=int, default=None,
+                        help="threads of the draft model (default: the target's; 1 with --memory-budget)")
         sp.add_argument("--max-context", type=int, default=None, help="context window (default min(model, 4096))")
         sp.add_argument("--no-verify", action="store_true", help="skip bundle checksum verification on load")
         sp.add_argument("--memory-budget", metavar="SIZE",
@@ -241,7 +243,8 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--stop", action="append", help="stop string (repeatable)")
         sp.add_argument("--mode", choices=("auto", "plain", "chain", "tree"), default=None,
-                        help="plain decoding, or speculation (default auto: tree when a drafter exists)")
+                        help="plain decoding, or speculation (default auto: the fastest of plain decoding, the "
+                             "draft's tree and chain and Token Recycling chains, as measured while it runs)")
         sp.add_argument("--drafter", help="comma list of model,ngram,recycle (combined into one tree)")
         sp.add_argument("--tree-nodes", type=int, default=None, help="tree size budget")
         sp.add_argument("--tree-depth", type=int, default=None, help="tree depth budget")
