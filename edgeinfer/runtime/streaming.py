@@ -165,8 +165,9 @@ class StreamingRunner(ModelRunner):
         # no arena: per-pass buffers are freed after the pass (with return_freed_memory, back to
         # the system), so between passes only weights and caches stay resident
         self._so.enable_cpu_mem_arena = False
-        # one thread pool per layer session: a pool still spinning after its layer would take
-        # the cores from the next layer's and from the draft's steps (providers.STOP_SPINNING)
+        # every session here (embed, layers, head) has its own thread pool: one still spinning
+        # after its run would take the cores from the next one's and from the draft's steps
+        # (providers.STOP_SPINNING)
         self._so.add_session_config_entry(*STOP_SPINNING)
         return_freed_memory()
         self._sessions: dict[str, ort.InferenceSession] = {}
