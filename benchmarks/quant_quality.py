@@ -50,9 +50,8 @@ RECIPES["int4-b32-affine-head8"] = dict(format="int4", block_size=32, affine=Tru
 RECIPES["int4-b32-affine-head8-l0"] = dict(format="int4", block_size=32, affine=True,
                                            keep=("lm_head.weight",), keep_format="int8",
                                            accuracy_level=0)
-# what --exact makes of SmolLM2's Q4_1 source (quant/exact.py: every linear weight is on the grid)
-RECIPES["exact"] = dict(format="int4", block_size=32, affine=True, accuracy_level=0, embed_format="fp32",
-                        keep=("lm_head.weight",), keep_format="fp32")
+# --exact (quant/exact.py): exported through export_model(exact=True), which picks the recipe
+RECIPES["exact"] = dict(format="fp32", block_size=32)
 RECIPES["int4-b32-scale"] = dict(format="int4", block_size=32, outlier="scale")
 RECIPES["int4-b32-reorder"] = dict(format="int4", block_size=32, outlier="reorder")
 
@@ -123,7 +122,7 @@ def export_recipe(source: Path, name: str, root: Path) -> tuple[Path, float | No
     if (out / "manifest.json").is_file():
         return out, None
     t0 = time.perf_counter()
-    export_model(source, QuantRecipe(**RECIPES[name]), out, overwrite=True)
+    export_model(source, QuantRecipe(**RECIPES[name]), out, overwrite=True, exact=name == "exact")
     return out, time.perf_counter() - t0
 
 

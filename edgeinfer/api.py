@@ -56,9 +56,8 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     if opts.memory_budget is not None:
         from .runtime.offload_engine import load_streaming_engine
 
-        draft_threads = 1 if opts.draft_threads is None else opts.draft_threads  # beside the passes
         return load_streaming_engine(root, manifest, tokenizer, opts, defaults, drafters,
-                                     _settings(opts, draft_threads), opts.threads)
+                                     _settings(opts, _draft_threads(opts, beside_target=True)), opts.threads)
     target_entry = manifest.models["target"]
     spec = target_entry.spec
     max_context = opts.max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT)
@@ -76,9 +75,7 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
                               f"target's {spec.vocab_size}")
         from .runtime.drafters.model import ModelDrafter
 
-        threads = opts.draft_threads
-        if threads is None:  # see EngineOptions.draft_threads
-            threads = 1 if opts.pipeline else opts.threads
+        threads = _draft_threads(opts, beside_target=opts.pipeline)
         draft = ModelRunner(_onnx_path(root, manifest, "draft"), draft_entry.spec,
                             opts.draft_providers or opts.providers,
                             max_context=min(max_context, draft_entry.spec.max_position),
@@ -94,6 +91,14 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     return Engine(target, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=draft_runners,
                   pipeline=opts.pipeline, pipeline_max_ahead=opts.pipeline_max_ahead)
+
+
+def _draft_threads(opts: EngineOptions, beside_target: bool) -> int:
+    """EngineOptions.draft_threads, or its default: the target's threads when the two take turns,
+    one when the draft runs beside a target pass (pipeline, streamed target)."""
+    if opts.draft_threads is not None:
+        return opts.draft_threads
+    return 1 if beside_target else opts.threads
 
 
 def _settings(opts: EngineOptions, threads: int) -> SessionSettings:

@@ -74,12 +74,28 @@ class Arm:
     name: str
     mode: str  # "tree" | "chain"
     drafter: Any
+    per_token_steps: bool = False  # the drafter runs a model step for every drafted token
 
     def draft_step(self) -> float | None:
-        """Seconds per drafted token for a drafter that runs a model step for each one."""
-        from .drafters.model import ModelDrafter
+        """Seconds per drafted token, for a drafter that runs a model step for each one."""
+        return self.drafter.step_seconds if self.per_token_steps else None
 
-        return self.drafter.step_seconds if isinstance(self.drafter, ModelDrafter) else None
+
+class _DraftSteps(Mapping[str, "float | None"]):
+    """Arm name -> its draft step now (Arm.draft_step), read by the gate when it needs one: one
+    view for a whole generation instead of a dict built every step."""
+
+    def __init__(self, arms: Mapping[str, Arm]) -> None:
+        self._arms = arms
+
+    def __getitem__(self, name: str) -> float | None:
+        return self._arms[name].draft_step()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arms)
+
+    def __len__(self) -> int:
+        return len(self._arms)
 
 
 class Engine:
@@ -369,6 +385,7 @@ class Engine:
             if key not in self._gates:
                 self._gates[key] = SpeculationGate(key)
             gate = self._gates[key]
+        draft_steps = _DraftSteps(arms)
         observers = list({id(a.drafter): a.drafter for a in arms.values()}.values()) or [drafter]
         try:
             while produced < cfg.max_new_tokens:
@@ -380,7 +397,7 @@ class Engine:
                     if gate is None:
                         arm = Arm(mode, mode, drafter)
                     else:
-                        chosen = gate.choose({k: a.draft_step() for k, a in arms.items()})
+                        chosen = gate.choose(draft_steps)
                         arm = arms[chosen] if chosen is not None else None
                 if arm is None:
                     result = target_step(context, empty)
@@ -434,10 +451,13 @@ class Engine:
         where a draft model is too slow for its target). {} otherwise."""
         if cfg.mode != "auto" or mode == "plain" or not cfg.greedy:
             return {}
+        from .drafters.model import ModelDrafter
+
         label = getattr(drafter, "name", "drafter")
-        arms = [Arm(f"tree:{label}", "tree", drafter)]
+        per_token = isinstance(drafter, ModelDrafter)
+        arms = [Arm(f"tree:{label}", "tree", drafter, per_token)]
         if self.auto_alternatives:
-            arms.append(Arm(f"chain:{label}", "chain", drafter))
+            arms.append(Arm(f"chain:{label}", "chain", drafter, per_token))
             recycle = self.drafters.get("recycle")
             if not cfg.drafters and recycle is not None and recycle is not drafter:
                 arms.append(Arm("chain:recycle", "chain", recycle))

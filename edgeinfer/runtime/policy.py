@@ -236,5 +236,6 @@ def make_policy(config: Any, target: Any = None, drafter: Any = None) -> Fallbac
         return FallbackPolicy.from_config(config)
     policy = CostAwarePolicy(config.tree, alpha_init=config.fallback.alpha_init)
     if verify_cost is not None:
-        policy.attach(verify_cost, (lambda: getattr(drafter, "step_seconds", None)) if drafter is not None else None)
+        step = (lambda: getattr(drafter, "step_seconds", None)) if drafter is not None else None
+        policy.attach(verify_cost, step)
     return policy
