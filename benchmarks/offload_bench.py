@@ -38,10 +38,11 @@ MiB = 2**20
 
 def prepare(work: Path, draft_spec: str = "int4") -> dict:
     from edgeinfer.bundle import load_manifest
-    from edgeinfer.models import default_model_path
+    from edgeinfer.models import BUNDLE_LAYOUT_REVISION, default_model_path
 
     work.mkdir(parents=True, exist_ok=True)
-    bundle = work / ("bundle-" + "".join(c if c.isalnum() else "_" for c in draft_spec))
+    # named with the layout revision: bundles of an older graph layout are rebuilt, not reused
+    bundle = work / (f"bundle{BUNDLE_LAYOUT_REVISION}-" + "".join(c if c.isalnum() else "_" for c in draft_spec))
     if not (bundle / "manifest.json").is_file():
         from edgeinfer.export.pipeline import DraftFromTarget, ExportConfig, export_bundle
         from edgeinfer.quant.recipe import QuantRecipe, WeightFormat

@@ -32,6 +32,13 @@ FORMAT_NAME = "edgeinfer-bundle"
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ROLES = ("target", "draft")
+# Graph metadata (ONNX metadata_props) naming a whole-model graph's KV layout: KV_IN_PLACE means
+# present_key/value.{i} are the cache buffer itself, bound to the same memory as past_key/value.{i},
+# with attention_bias [1, 1, n, total] over the valid positions only (export/onnx_layers.py
+# GraphOptions.kv_in_place); absent, they hold only the n new nodes' K/V and attention_bias spans
+# the whole bound past + n.
+KV_LAYOUT_KEY = "edgeinfer.kv_layout"
+KV_IN_PLACE = "in_place"
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,17 @@ def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def build_tiny_onnx(spec: ModelSpec, out_dir: Path, seed: int = 0, name: str = "model.onnx") -> Path:
+def build_tiny_onnx(spec: ModelSpec, out_dir: Path, seed: int = 0, name: str = "model.onnx",
+                    in_place: bool = False) -> Path:
+    """The fp32 graph of ``spec`` with random weights; ``in_place``: GroupQueryAttention with the
+    in-place KV layout (what exports write), else the standard Attention."""
     from edgeinfer.export.onnx_builder import build_model_onnx
+    from edgeinfer.export.onnx_layers import GraphOptions
 
     weights = random_weights(spec, seed)
     path = Path(out_dir) / name
-    build_model_onnx(spec, weights.__getitem__, QuantRecipe(), path)
+    options = GraphOptions(attention="gqa", kv_in_place=True) if in_place else GraphOptions()
+    build_model_onnx(spec, weights.__getitem__, QuantRecipe(), path, options=options)
     return path
 
 
@@ -79,9 +84,11 @@ def raw_logits(sess: ort.InferenceSession, spec: ModelSpec, tokens: list[int]) -
     return sess.run(["logits"], feed)[0][0]
 
 
-def raw_greedy(onnx_path: Path, spec: ModelSpec, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+def raw_greedy(onnx_path: Path | ort.InferenceSession, spec: ModelSpec, prompt: list[int],
+               steps: int) -> tuple[list[int], list[float]]:
     """Greedy continuation and, per step, the relative gap (top1 - top2) / max(1, |top1|)."""
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = (onnx_path if isinstance(onnx_path, ort.InferenceSession)
+            else ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]))
     toks, gaps = list(prompt), []
     for _ in range(steps):
         row = raw_logits(sess, spec, toks)[-1]

@@ -44,6 +44,14 @@ def test_pair_export_with_derived_draft(tiny_checkpoint, tmp_path):
     assert m.models["target"].gguf and (out / m.models["target"].gguf).is_file()
     assert {"target: onnx", "draft: onnx", "target: gguf"} <= set(stages)
     assert report.models["target"].files and not list(tmp_path.glob(".bundle.partial-*"))
+    import onnx
+
+    from edgeinfer.bundle import KV_IN_PLACE, KV_LAYOUT_KEY
+
+    for role in ("target", "draft"):  # whole-model graphs: GQA writing into the bound cache
+        g = onnx.load(str(out / m.models[role].onnx), load_external_data=False)
+        assert {p.key: p.value for p in g.metadata_props}.get(KV_LAYOUT_KEY) == KV_IN_PLACE
+        assert {n.op_type for n in g.graph.node} >= {"GroupQueryAttention"}
     # The exported fp32 target decodes like a graph built straight from the checkpoint would:
     # greedy tokens through the bundle equal transformers' greedy tokens.
     from tiny_models import load_reference_model

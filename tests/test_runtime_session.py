@@ -1,7 +1,9 @@
 """ModelRunner against an independent answer: onnxruntime run directly on the whole sequence
 with an empty past and a plain causal mask (tests/runtime_models.raw_logits), for plain
 decoding, tree passes, scratch nodes across calls, commits of tree paths, rollback, sliding
-windows and KV capacity growth."""
+windows and KV capacity growth; each for the standard-Attention graph and for the in-place KV
+layout (GroupQueryAttention writing into the bound cache), whose answer comes from the
+standard graph of the same weights."""
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,11 +17,14 @@ ATOL, RTOL = 2e-3, 1e-4
 PROMPT = [1, 5, 9, 22, 7, 100, 3, 4, 5, 6, 7, 8]
 
 
-@pytest.fixture(scope="module", params=["llama", "sliding"])
+@pytest.fixture(scope="module", params=["llama", "sliding", "llama-in-place", "sliding-in-place"])
 def model(request, tmp_path_factory):
-    spec = tiny_spec(layers=3, sliding_window=6 if request.param == "sliding" else None)
-    path = build_tiny_onnx(spec, tmp_path_factory.mktemp(request.param))
-    return spec, path, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """(spec, graph under test, session of the standard graph: the reference)."""
+    spec = tiny_spec(layers=3, sliding_window=6 if request.param.startswith("sliding") else None)
+    out = tmp_path_factory.mktemp(request.param)
+    ref = build_tiny_onnx(spec, out)
+    path = build_tiny_onnx(spec, out, name="in_place.onnx", in_place=True) if "in-place" in request.param else ref
+    return spec, path, ort.InferenceSession(str(ref), providers=["CPUExecutionProvider"])
 
 
 def runner(spec, path, **kw):
@@ -30,7 +35,7 @@ def runner(spec, path, **kw):
 
 def test_plain_decode_equals_raw_greedy(model):
     spec, path, sess = model
-    ref, gaps = raw_greedy(path, spec, PROMPT, 24)
+    ref, gaps = raw_greedy(sess, spec, PROMPT, 24)
     r = runner(spec, path)
     assert r.provider == "CPUExecutionProvider"
     logits = r.forward(PROMPT, logits_index=[len(PROMPT) - 1])
@@ -119,6 +124,11 @@ def test_context_limit_and_bad_arguments(model):
     r.forward([1, 2])
     with pytest.raises(ContextLimitError, match=r"12 committed \+ 2 pending \+ 3 new tokens exceed the context limit of 16"):
         r.forward([3, 4, 5])
+    if r.kv_in_place:
+        fresh = runner(spec, path)
+        with pytest.raises(ValueError, match="first call on an empty cache must be a chain"):
+            fresh.forward([1, 2, 3], parents=[-1, 0, 0])
+        fresh.forward([1, 2, 3], parents=[-1, 0, 1])  # a chain is fine
     with pytest.raises(ValueError, match="parent 5 of node 2"):
         r.forward([3], parents=[5])
     with pytest.raises(ValueError, match="logits_index"):
@@ -138,3 +148,25 @@ def test_graph_contract_checked(tmp_path, model):
     bigger = tiny_spec(layers=5, sliding_window=spec.sliding_window)
     with pytest.raises(BundleError, match="past_key.3"):
         ModelRunner(path, bigger)
+
+
+def test_kv_layout_and_cache_contents_match_the_standard_graph(model, tmp_path):
+    """The in-place graph's kernel writes the same K/V into the cache (at the scratch
+    positions after the committed ones) as the runner copies from the standard graph's
+    presents, also across a re-layout of the cache (kv_block 8)."""
+    spec, path, sess = model
+    ref_path = build_tiny_onnx(spec, tmp_path)
+    r, ref = runner(spec, path), runner(spec, ref_path)
+    assert r.kv_in_place == (path.name == "in_place.onnx") and not ref.kv_in_place
+    parents = [-1, 0, 0, 1, -1, 4]
+    for x in (r, ref):
+        x.forward(PROMPT, logits_index=[0])
+        x.commit(range(len(PROMPT)))
+        x.forward([60, 61, 62, 63, 64, 65], parents)
+        x.commit([0, 1, 3])
+        x.forward(list(range(70, 70 + 9)))  # grows the cache past a block boundary
+    n = len(PROMPT) + 3 + 9
+    assert r.cache.capacity >= n and r.past_len == ref.past_len == len(PROMPT) + 3
+    for i in range(spec.num_layers):
+        np.testing.assert_allclose(r.cache.keys[i][:, :, :n], ref.cache.keys[i][:, :, :n], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(r.cache.values[i][:, :, :n], ref.cache.values[i][:, :, :n], atol=1e-5, rtol=0)

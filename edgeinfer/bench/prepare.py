@@ -5,7 +5,8 @@ Layout under ``cache_dir()/bench/<model stem>/``::
     hf/                      Hugging Face folder made from the GGUF (transformers, float32)
     gguf/<stem>.<PREC>.gguf  llama.cpp precisions (llama_model_quantize, requantizing allowed)
     genai-int4/, genai-fp32/ onnxruntime-genai model builder output
-    bundle/                  an edgeinfer bundle (the exporter), when none was given
+    bundle-<rev>/            an edgeinfer bundle (the exporter), when none was given; <rev> is
+                             models.BUNDLE_LAYOUT_REVISION, so older layouts are rebuilt
     prepare.json             wall time of each build step (kept, so cached runs report them)
 
 Each artifact is built in a temporary sibling and renamed at the end, so an interrupted
@@ -215,7 +216,9 @@ class _Builder:
         self._record(need, secs, final)
 
     def bundle(self) -> None:
-        final = self.prep.root / "bundle"
+        from ..models import BUNDLE_LAYOUT_REVISION
+
+        final = self.prep.root / f"bundle-{BUNDLE_LAYOUT_REVISION}"
         secs = None
         if not (final / "manifest.json").is_file():
             from .edgeinfer_method import export_default_bundle  # the exporter, if present

@@ -170,9 +170,9 @@ DEMO_PROMPT = "Write a short Python function that checks whether a number is pri
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the default bundle, plain decoding next to tree speculation."""
-    from ..models import cache_dir
+    from ..models import DEFAULT_BUNDLE_DIR, cache_dir
 
-    bundle = Path(args.bundle) if args.bundle else cache_dir() / "bundles" / "smollm2-135m-default"
+    bundle = Path(args.bundle) if args.bundle else cache_dir() / "bundles" / DEFAULT_BUNDLE_DIR
     if not (bundle / "manifest.json").is_file():
         from . import TqdmProgress
         from ..export.pipeline import default_pair_config, export_bundle

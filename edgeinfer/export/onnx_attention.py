@@ -10,7 +10,10 @@
   the same. With past = 0 the kernel takes positions 0..n-1 whatever position_ids says, so
   only a chain (prefill) is correct there.
 
-Both return the n new nodes' K (after rotary) / V as [1, kv_heads, n, head_dim].
+Both return the n new nodes' K (after rotary) / V as [1, kv_heads, n, head_dim]; with
+``kv_in_place`` ("gqa" only) GroupQueryAttention's present outputs are returned as they are: the
+whole cache buffer, which the runtime binds to the same memory as the past inputs, so the kernel
+writes the new K/V in place instead of copying the cache (see GraphOptions).
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ def _tag(spec: ModelSpec, r: RopeSpec) -> str:
 
 
 def emit_attention_inputs(g: GraphBuilder, spec: ModelSpec, layers: range, impl: str,
-                          position_ids: str, mask_full: str | None, mask_sliding: str | None
-                          ) -> AttentionInputs:
+                          position_ids: str, mask_full: str | None, mask_sliding: str | None,
+                          kv_in_place: bool = False) -> AttentionInputs:
     """Rotary tables (and, for "gqa", sequence lengths) shared by ``layers``."""
     if impl not in ("onnx", "gqa"):
         raise CheckpointError(f"attention implementation {impl!r}: expected 'onnx' or 'gqa'")
@@ -75,7 +78,8 @@ def emit_attention_inputs(g: GraphBuilder, spec: ModelSpec, layers: range, impl:
         mask = mask_full or mask_sliding
         total = g.node("Shape", [mask], "/model/seqlens/Shape", start=3, end=4)   # [past + n]
         n = g.node("Shape", [position_ids], "/model/seqlens/Shape_1", start=1, end=2)
-        io.past_len = g.node("Sub", [total, n], "/model/seqlens/Sub")
+        if not kv_in_place:  # the new nodes' K/V are sliced out of GQA's present from here
+            io.past_len = g.node("Sub", [total, n], "/model/seqlens/Sub")
         total32 = g.node("Cast", [total], "/model/seqlens/Cast", to=TensorProto.INT32)
         io.seqlens_k = g.node("Sub", [total32, g.const("const.i32.v1", np.ones(1, np.int32))],
                               "/model/seqlens/Sub_1")
@@ -90,9 +94,11 @@ def _to_bnsh(g: GraphBuilder, p: str, x: str, heads: int, hd: int) -> str:
 
 
 def emit_core_attention(g: GraphBuilder, spec: ModelSpec, i: int, impl: str, io: AttentionInputs,
-                        q: str, k: str, v: str, past_k: str, past_v: str) -> tuple[str, str, str]:
+                        q: str, k: str, v: str, past_k: str, past_v: str,
+                        kv_in_place: bool = False) -> tuple[str, str, str]:
     """q [1,n,H*hd], k/v [1,n,KV*hd] (normed, not yet rotated). Returns (attention output
-    [1, n, H*hd], present_key, present_value [1, KV, n, hd])."""
+    [1, n, H*hd], present_key, present_value [1, KV, n, hd]; with ``kv_in_place`` the whole
+    buffer [1, KV, capacity, hd])."""
     p = f"/model/layers.{i}/attn"
     H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rope = spec.rope_for_layer(i)
@@ -109,6 +115,8 @@ def emit_core_attention(g: GraphBuilder, spec: ModelSpec, i: int, impl: str, io:
             "GroupQueryAttention",
             [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, cos, sin, io.position_ids, mask],
             f"{p}/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, **attrs)
+        if kv_in_place:
+            return y, pk_all, pv_all
         big = g.i64([np.iinfo(np.int64).max])
         pk = g.node("Slice", [pk_all, io.past_len, big, g.i64([2])], f"{p}/present_key/Slice")
         pv = g.node("Slice", [pv_all, io.past_len, big, g.i64([2])], f"{p}/present_value/Slice")

@@ -19,8 +19,11 @@ head shares the embedding's initializers when both use one format.
 Measured (SmolLM2-135M, past 128, onnxruntime 1.31 CPU, one intra-op thread, process CPU ms
 per call, n = 1 / 4 / 16): fp32 20.3 / 30.4 / 47.3 against onnxruntime-genai's own fp32
 graph of the same weights 19.7 / 29.5 / 46.7; int4 (MatMulNBits, accuracy level 4) 6.4 /
-10.1 / 27.0 against genai int4 6.1 / 9.9 / 26.8. GroupQueryAttention (see GraphOptions)
-measured within noise of ``Attention``, so the standard op is the default.
+10.1 / 27.0 against genai int4 6.1 / 9.9 / 26.8. GroupQueryAttention copying the cache as
+``Attention`` does measured within noise of it; with ``GraphOptions.kv_in_place`` (the export
+pipeline's choice for whole-model graphs) it writes into the runtime's cache instead and the
+O(context) copy per step is gone (figures in GraphOptions). The builder's own default stays the
+standard op and the first KV layout (what layer shards and the reference tests use).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from ..quant.recipe import QuantRecipe
 from ..spec import ModelSpec
 from .onnx_attention import emit_attention_inputs
 from .onnx_graph import ExternalDataWriter, GraphBuilder, save_model
-from .onnx_layers import GetWeight, GraphOptions, emit_embedding, emit_head, emit_layer
+from .onnx_layers import (KV_IN_PLACE, KV_LAYOUT_KEY, GetWeight, GraphOptions, emit_embedding, emit_head,
+                          emit_layer)
 
 Progress = Callable[[int, int], None]
 INT64, FLOAT = TensorProto.INT64, TensorProto.FLOAT
@@ -72,8 +76,11 @@ def add_kv_io(g: GraphBuilder, spec: ModelSpec, i: int) -> tuple[str, str]:
     return g.input(f"past_key.{i}", FLOAT, shape), g.input(f"past_value.{i}", FLOAT, shape)
 
 
-def add_present_outputs(g: GraphBuilder, spec: ModelSpec, i: int, pk: str, pv: str) -> None:
-    shape = [1, spec.num_kv_heads, "n", spec.head_dim]
+def add_present_outputs(g: GraphBuilder, spec: ModelSpec, i: int, pk: str, pv: str,
+                        in_place: bool = False) -> None:
+    """Declare layer i's present K/V: the n new nodes', or (``in_place``) the whole cache
+    buffer, the same shape as the past input it shares memory with."""
+    shape = [1, spec.num_kv_heads, "past" if in_place else "n", spec.head_dim]
     g.output(pk, f"present_key.{i}", FLOAT, shape)
     g.output(pv, f"present_value.{i}", FLOAT, shape)
 
@@ -84,14 +91,14 @@ def resolve_options(spec: ModelSpec, options: GraphOptions) -> GraphOptions:
     is used."""
     dims = [spec.head_dim] + [spec.rope_for_layer(i).rotary_dim for i in range(spec.num_layers)]
     if options.attention == "gqa" and any(d % 16 for d in dims):
-        return dataclasses.replace(options, attention="onnx")
+        return dataclasses.replace(options, attention="onnx", kv_in_place=False)
     return options
 
 
 def finish(g: GraphBuilder, data: ExternalDataWriter, out_path: Path, graph_name: str,
-           spec: ModelSpec, t0: float) -> OnnxBuildInfo:
+           spec: ModelSpec, t0: float, metadata: dict[str, str] | None = None) -> OnnxBuildInfo:
     data.close()
-    model = g.model(graph_name, doc=f"edgeinfer tree-verify graph, arch {spec.arch}")
+    model = g.model(graph_name, doc=f"edgeinfer tree-verify graph, arch {spec.arch}", metadata=metadata)
     save_model(model, out_path)
     kv = ("past_key.", "past_value.")
     return OnnxBuildInfo(
@@ -124,7 +131,7 @@ def build_model_onnx(spec: ModelSpec, get_weight: GetWeight, recipe: QuantRecipe
         logits_index = g.input("logits_index", INT64, ["m"])
         h, head_nodes = emit_embedding(g, spec, get_weight, recipe, ids)
         io = emit_attention_inputs(g, spec, range(spec.num_layers), options.attention, pos,
-                                   mask_full, mask_sliding)
+                                   mask_full, mask_sliding, options.kv_in_place)
         if progress:
             progress(1, total)
         pending, presents = None, []
@@ -138,8 +145,9 @@ def build_model_onnx(spec: ModelSpec, get_weight: GetWeight, recipe: QuantRecipe
         logits = emit_head(g, spec, get_weight, recipe, h, pending, logits_index, head_nodes, options)
         g.output(logits, "logits", FLOAT, [1, "m", spec.vocab_size])
         for i, (pk, pv) in enumerate(presents):
-            add_present_outputs(g, spec, i, pk, pv)
-        info = finish(g, data, out_path, "edgeinfer_tree_verify", spec, t0)
+            add_present_outputs(g, spec, i, pk, pv, options.kv_in_place)
+        meta = {KV_LAYOUT_KEY: KV_IN_PLACE} if options.kv_in_place else None
+        info = finish(g, data, out_path, "edgeinfer_tree_verify", spec, t0, meta)
     finally:
         data.close()
     if progress:

@@ -148,7 +148,7 @@ class GraphBuilder:
                           np.asarray(value, dtype=np.float32))
 
     # -- finishing -------------------------------------------------------------------------
-    def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+    def model(self, graph_name: str, doc: str = "", metadata: dict[str, str] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
                                   initializer=self.initializers)
         opsets = [helper.make_opsetid("", OPSET)]
@@ -157,6 +157,8 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeinfer",
                                   doc_string=doc)
         model.ir_version = IR_VERSION
+        if metadata:
+            helper.set_model_props(model, metadata)
         return model
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 from onnx import NodeProto
 
+from ..bundle import KV_IN_PLACE, KV_LAYOUT_KEY  # noqa: F401  (re-exported for the builders)
 from ..errors import CheckpointError
 from ..quant.onnx_encoding import encode_embedding, encode_linear
 from ..quant.recipe import QuantRecipe
@@ -25,17 +26,34 @@ class GraphOptions:
     """Implementation choices that do not change the graph's contract or its math.
 
     Measured on SmolLM2-135M, onnxruntime 1.31 CPU (process CPU ms per call, past 128):
-    ``attention="gqa"`` and ``fuse_gate_up=True`` were within noise (< 0.3 ms of ~19 ms at
-    n=1) of the defaults, so the defaults keep the standard ops and fewer nodes.
+    ``attention="gqa"`` (copying the cache) and ``fuse_gate_up=True`` were within noise
+    (< 0.3 ms of ~19 ms at n=1) of the defaults, so the defaults keep the standard ops.
     ``attention="gqa"`` (com.microsoft GroupQueryAttention, rotary inside) needs
     head_dim % 16 == 0 (else the builder falls back to "onnx") and, with past = 0, nodes in a
     chain (prefill): the kernel then ignores position_ids beyond the first.
+
+    ``kv_in_place=True`` (with ``attention="gqa"``) changes the KV half of the graph contract:
+    ``present_key.{i}`` / ``present_value.{i}`` are the *whole* cache buffer, the same memory
+    as ``past_key.{i}`` / ``past_value.{i}`` [1, kv_heads, capacity, head_dim] (the runtime
+    binds both to one buffer), GroupQueryAttention writes the n new nodes' K/V into it at
+    positions ``total - n .. total`` and attends over ``[0, total)`` only, where ``total`` is the
+    width of ``attention_bias`` [1, 1, n, total]. The graph says so in its metadata
+    (``bundle.KV_LAYOUT_KEY``). Measured on SmolLM2-135M (2 threads, one decode step, context 128 /
+    512 / 1024): fp32 22.1 / 25.6 / 31.3 ms -> 21.0 / 22.8 / 24.6 ms, int4 affine draft 10.3 /
+    14.4 / 20.8 -> 9.1 / 10.9 / 13.7 ms: the opset-23 Attention (and GQA without a shared
+    buffer) copies past + new into a present tensor every step, O(context) per layer.
     """
 
     skip_norm: bool = True      # fuse residual Add + RMSNorm into SkipSimplifiedLayerNormalization
     fuse_qkv: bool = True       # one MatMul for q/k/v when they share a weight format
     fuse_gate_up: bool = False  # one MatMul for gate/up (+ Split)
     attention: str = "onnx"     # "onnx" (opset-23 Attention) | "gqa" (GroupQueryAttention)
+    kv_in_place: bool = False   # "gqa" only: new K/V written into the bound cache buffer
+
+    def __post_init__(self) -> None:
+        if self.kv_in_place and self.attention != "gqa":
+            raise ValueError(f"GraphOptions: kv_in_place needs attention='gqa', not {self.attention!r}")
+
 
 
 def _weight(get_weight: GetWeight, name: str) -> np.ndarray:
@@ -146,7 +164,8 @@ def emit_attention(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeig
     if spec.qk_norm:
         q = _heads_norm(g, f"{p}/q_norm", q, H, hd, _weight(get_weight, pre + "q_norm.weight"), spec.rms_norm_eps)
         k = _heads_norm(g, f"{p}/k_norm", k, KV, hd, _weight(get_weight, pre + "k_norm.weight"), spec.rms_norm_eps)
-    y, pk, pv = emit_core_attention(g, spec, i, opts.attention, io, q, k, v, past_k, past_v)
+    y, pk, pv = emit_core_attention(g, spec, i, opts.attention, io, q, k, v, past_k, past_v,
+                                    opts.kv_in_place)
     out = emit_linear(g, get_weight, recipe, [pre + "o_proj.weight"], y, f"{p}/o_proj/output_0")
     return out, pk, pv
 

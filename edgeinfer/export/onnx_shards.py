@@ -68,6 +68,8 @@ def build_layer_shards(spec: ModelSpec, get_weight: GetWeight, recipe: QuantReci
                        options: GraphOptions = GraphOptions()) -> ShardInfo:
     """Write embed, per-layer and head shards into ``out_dir`` (created with its parents if
     missing). Same ``get_weight``/``recipe``/``options`` semantics as build_model_onnx."""
+    if options.kv_in_place:  # the streamed runner feeds and collects K/V itself (shard contract)
+        raise ValueError("build_layer_shards: kv_in_place is for whole-model graphs only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = resolve_options(spec, options)

@@ -203,6 +203,7 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
                  config: ExportConfig, progress: ProgressFn | None) -> ModelEntry:
     # Imported here: the builders pull in onnx / gguf, which the runtime does not need.
     from .onnx_builder import build_model_onnx
+    from .onnx_layers import GraphOptions
 
     (stage / role).mkdir()
     get = ckpt.weights.get
@@ -213,7 +214,11 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
         return lambda done, total: progress(f"{role}: {label}", done, total)
 
     onnx_rel = f"{role}/model.onnx"
-    info = build_model_onnx(spec, get, recipe, stage / onnx_rel, progress=stage_progress("onnx"))
+    # GroupQueryAttention writing K/V into the runtime's cache in place (no per-step copy of the
+    # cache; the builder falls back to the standard Attention where GQA cannot run the spec)
+    options = GraphOptions(attention="gqa", kv_in_place=True)
+    info = build_model_onnx(spec, get, recipe, stage / onnx_rel, progress=stage_progress("onnx"),
+                            options=options)
     shards = None
     if config.shards and role == "target":
         from .onnx_shards import build_layer_shards

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from ..bundle import KV_IN_PLACE, KV_LAYOUT_KEY
 from ..spec import ModelSpec
 
 MASK_MIN = float(np.finfo(np.float32).min)  # "not visible" in attention_bias
@@ -66,7 +67,9 @@ def run_tree(session: ort.InferenceSession, spec: ModelSpec, past: KV, tokens: S
     """One graph call on a token tree placed after ``past_len`` committed tokens.
 
     ``past`` holds at least ``past_len`` positions per layer (extra ones are ignored);
-    ``logits_index`` defaults to every node.
+    ``logits_index`` defaults to every node. A graph with the in-place KV layout (bundle.py)
+    is fed exactly ``past_len`` positions and no shared buffer, so its present outputs are past
+    + new concatenated; the new nodes' part is sliced out of them.
     """
     n = len(tokens)
     if len(parents) != n:
@@ -82,7 +85,8 @@ def run_tree(session: ort.InferenceSession, spec: ModelSpec, past: KV, tokens: S
         feeds[f"past_value.{i}"] = np.ascontiguousarray(v[:, :, :past_len])
     wanted = ["logits"] + [f"present_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")]
     out = session.run(wanted, feeds)
-    present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(spec.num_layers)]
+    skip = past_len if session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY) == KV_IN_PLACE else 0
+    present = [(out[1 + 2 * i][:, :, skip:], out[2 + 2 * i][:, :, skip:]) for i in range(spec.num_layers)]
     return TreeOutput(logits=out[0][0], present=present)
 
 
