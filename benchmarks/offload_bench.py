@@ -210,7 +210,7 @@ def work_tree(a: argparse.Namespace, prompt: list[int]) -> dict:
 
     t0 = time.perf_counter()
     engine = edgeinfer.load(a.bundle, memory_budget=a.budget or "auto", max_context=a.ctx, threads=a.threads,
-                            draft_threads=1, offload_tree_nodes=a.nodes, verify_checksums=False,
+                            draft_threads=a.draft_threads, offload_tree_nodes=a.nodes, verify_checksums=False,
                             pipeline_max_ahead=a.ahead, drafters=(a.drafter,))
     t_load = time.perf_counter() - t0
     fallback = FallbackConfig(enabled=a.policy != "fixed", policy="auto" if a.policy == "fixed" else a.policy)
@@ -256,6 +256,8 @@ def run_one(method: str, cap: int, info: dict, a: argparse.Namespace, **extra) -
            "--nodes", str(extra.get("nodes", a.nodes)), "--depth", str(a.depth), "--ahead", str(a.ahead),
            "--branch", str(a.branch), "--policy", a.policy,
            "--drafter", extra.get("drafter", "model")]
+    if a.draft_threads is not None:
+        cmd += ["--draft-threads", str(a.draft_threads)]
     r = run_capped(cmd, cap, timeout=a.timeout, cwd=ROOT)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     out = json.loads(line[7:]) if line else {"error": (r.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt")
     p.add_argument("--budget", default=None)
     p.add_argument("--drafter", default="model")
+    p.add_argument("--draft-threads", type=int, default=None,
+                   help="intra-op threads of the resident draft (default: edgeinfer's own choice)")
     a = p.parse_args(argv)
     if a.mode == "worker":
         worker(a)

@@ -57,7 +57,7 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
         from .runtime.offload_engine import load_streaming_engine
 
         return load_streaming_engine(root, manifest, tokenizer, opts, defaults, drafters,
-                                     _settings(opts, _draft_threads(opts, beside_target=True)), opts.threads)
+                                     _settings(opts, _draft_threads(opts, beside_target=False)), opts.threads)
     target_entry = manifest.models["target"]
     spec = target_entry.spec
     max_context = opts.max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT)
@@ -94,8 +94,9 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
 
 
 def _draft_threads(opts: EngineOptions, beside_target: bool) -> int:
-    """EngineOptions.draft_threads, or its default: the target's threads when the two take turns,
-    one when the draft runs beside a target pass (pipeline, streamed target)."""
+    """EngineOptions.draft_threads, or its default: the target's threads when the two take turns
+    (a streamed target too: its passes mostly wait for reads, and its pipeline speculates only on
+    confident leaves), one when the draft runs beside a resident target's pass (pipeline)."""
     if opts.draft_threads is not None:
         return opts.draft_threads
     return 1 if beside_target else opts.threads

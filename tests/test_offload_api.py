@@ -45,7 +45,9 @@ def test_streamed_engine_defaults_and_resident_draft_settings(sharded):
     default (auto) fallback, and a draft session without onnxruntime's arena."""
     from edgeinfer.runtime.policy import CostAwarePolicy, make_policy
 
-    eng = edgeinfer.load(sharded, memory_budget="2GB", offload_tree_nodes=20)
+    eng = edgeinfer.load(sharded, memory_budget="2GB", offload_tree_nodes=20, threads=2)
+    # drafting happens between the streamed target's passes: the draft gets the target's threads
+    assert eng.runners["draft"].session.get_session_options().intra_op_num_threads == 2
     assert (eng.defaults.tree.max_nodes, eng.defaults.tree.max_depth) == (20, 10)
     assert eng.target.max_nodes == 21
     assert isinstance(make_policy(eng.defaults, eng.target, eng.drafters["model"]), CostAwarePolicy)

@@ -228,7 +228,7 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.add_argument("--draft-providers", help="providers for the draft (default: as the target)")
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default: ORT's)")
         sp.add_argument("--draft-threads", type=int, default=None,
-                        help="threads of the draft model (default: the target's; 1 with --memory-budget)")
+                        help="threads of the draft model (default: the target's)")
         sp.add_argument("--max-context", type=int, default=None, help="context window (default min(model, 4096))")
         sp.add_argument("--no-verify", action="store_true", help="skip bundle checksum verification on load")
         sp.add_argument("--memory-budget", metavar="SIZE",
