@@ -27,10 +27,14 @@ def model(request, tmp_path_factory):
     return spec, path, ort.InferenceSession(str(ref), providers=["CPUExecutionProvider"])
 
 
-def runner(spec, path, **kw):
+def runner(spec, path, bound=True, **kw):
+    """bound=False: an in-place graph run as off the CPU provider (run(), presents sliced)."""
     kw.setdefault("max_context", 64)
     kw.setdefault("kv_block", 8)  # small blocks: the cache grows (re-lays out) during the tests
-    return ModelRunner(path, spec, threads=1, **kw)
+    r = ModelRunner(path, spec, threads=1, **kw)
+    if not bound:
+        r._io = None
+    return r
 
 
 def test_plain_decode_equals_raw_greedy(model):
@@ -156,17 +160,21 @@ def test_kv_layout_and_cache_contents_match_the_standard_graph(model, tmp_path):
     presents, also across a re-layout of the cache (kv_block 8)."""
     spec, path, sess = model
     ref_path = build_tiny_onnx(spec, tmp_path)
-    r, ref = runner(spec, path), runner(spec, ref_path)
+    r, unbound, ref = runner(spec, path), runner(spec, path, bound=False), runner(spec, ref_path)
     assert r.kv_in_place == (path.name == "in_place.onnx") and not ref.kv_in_place
+    assert (r._io is not None) == r.kv_in_place and unbound._io is None
     parents = [-1, 0, 0, 1, -1, 4]
-    for x in (r, ref):
+    logits = []
+    for x in (r, unbound, ref):
         x.forward(PROMPT, logits_index=[0])
         x.commit(range(len(PROMPT)))
         x.forward([60, 61, 62, 63, 64, 65], parents)
         x.commit([0, 1, 3])
-        x.forward(list(range(70, 70 + 9)))  # grows the cache past a block boundary
+        logits.append(x.forward(list(range(70, 70 + 9))))  # grows the cache past a block boundary
     n = len(PROMPT) + 3 + 9
     assert r.cache.capacity >= n and r.past_len == ref.past_len == len(PROMPT) + 3
-    for i in range(spec.num_layers):
-        np.testing.assert_allclose(r.cache.keys[i][:, :, :n], ref.cache.keys[i][:, :, :n], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(r.cache.values[i][:, :, :n], ref.cache.values[i][:, :, :n], atol=1e-5, rtol=0)
+    for x, lg in zip((r, unbound), logits):
+        np.testing.assert_allclose(lg, logits[-1], atol=ATOL, rtol=RTOL)
+        for i in range(spec.num_layers):
+            np.testing.assert_allclose(x.cache.keys[i][:, :, :n], ref.cache.keys[i][:, :, :n], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(x.cache.values[i][:, :, :n], ref.cache.values[i][:, :, :n], atol=1e-5, rtol=0)

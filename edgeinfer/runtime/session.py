@@ -25,7 +25,10 @@ present output are bound to the same cache view, the kernel writes the n new nod
 at positions L + s .. L + s + n itself, and the attention bias covers only those L + s + n
 positions. That removes the per-step copy of the whole cache that the opset-23 Attention makes
 (measured, SmolLM2 fp32 at context 1024: 31.3 -> 24.6 ms a step; see GraphOptions). The logits
-are written into a fresh array per call (onnxruntime reuses its own output buffers).
+are written into a fresh array per call (onnxruntime reuses its own output buffers). Off the
+CPU provider such a graph runs through ``run`` like the others (binding host memory as a device
+kernel's output would copy the cache both ways per step): its presents are then the whole
+buffer with the past copied in, and the runner takes the new nodes' K/V from positions L + s.
 """
 from __future__ import annotations
 
@@ -95,7 +98,11 @@ class ModelRunner:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.kv_in_place = meta.get(KV_LAYOUT_KEY) == KV_IN_PLACE
         self._vocab = spec.vocab_size
-        self._io = self.session.io_binding() if self.kv_in_place else None
+        # Binding the cache's host memory as a device kernel's output would copy the whole cache
+        # both ways every step; off the CPU provider an in-place graph runs through run()
+        # instead, its presents (the whole buffer, past copied in) sliced at the new positions.
+        on_cpu = self.provider == "CPUExecutionProvider"
+        self._io = self.session.io_binding() if self.kv_in_place and on_cpu else None
         self._feed: dict[str, np.ndarray] = {}  # past views stay in here between steps
         self._bound_layout = -1
         self._window = spec.sliding_window or 0
@@ -145,7 +152,10 @@ class ModelRunner:
             t0 = time.perf_counter()
             out = self.session.run(self._out_names, feed)
             self.forward_seconds += time.perf_counter() - t0
-            self.cache.write_interleaved(L + s, out[1:])  # present_key.0, present_value.0, ...
+            presents = out[1:]  # present_key.0, present_value.0, ...
+            if self.kv_in_place:  # the whole buffer: the new nodes sit at L + s
+                presents = [p[:, :, L + s:L + s + n] for p in presents]
+            self.cache.write_interleaved(L + s, presents)
             logits = out[0]
         self.forward_calls += 1
         self._anc, self._depth = anc_new, depth_new
