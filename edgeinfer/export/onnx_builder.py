@@ -36,13 +36,13 @@ from typing import Callable
 
 from onnx import TensorProto
 
+from ..bundle import KV_IN_PLACE, KV_LAYOUT_KEY
 from ..errors import EdgeInferError
 from ..quant.recipe import QuantRecipe
 from ..spec import ModelSpec
 from .onnx_attention import emit_attention_inputs
 from .onnx_graph import ExternalDataWriter, GraphBuilder, save_model
-from .onnx_layers import (KV_IN_PLACE, KV_LAYOUT_KEY, GetWeight, GraphOptions, emit_embedding, emit_head,
-                          emit_layer)
+from .onnx_layers import GetWeight, GraphOptions, emit_embedding, emit_head, emit_layer
 
 Progress = Callable[[int, int], None]
 INT64, FLOAT = TensorProto.INT64, TensorProto.FLOAT
