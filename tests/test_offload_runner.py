@@ -294,3 +294,18 @@ def test_engine_request_ends_with_shard_error(model, tmp_path):
                 shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data").unlink()
     assert 3 <= len(got) < 12 and same_or_near_tie(got, ref[:len(got)], gaps)
     r.close()
+
+
+def test_verify_cost_fit_never_says_a_pass_is_free():
+    """A fit whose intercept comes out <= 0 (noisy fast passes) falls back to the mean pass."""
+    from types import SimpleNamespace
+
+    from edgeinfer.runtime.streaming import StreamingRunner
+
+    fake = SimpleNamespace(passes=[SimpleNamespace(nodes=n, wall_seconds=t)
+                                   for n, t in ((1, 0.001), (25, 0.030), (2, 0.001), (24, 0.031))])
+    fixed, per_node = StreamingRunner.verify_cost(fake)
+    assert fixed > 0 and per_node == 0.0 and abs(fixed - 0.01575) < 1e-9
+    fake.passes = [SimpleNamespace(nodes=n, wall_seconds=0.2 + 0.001 * n) for n in (1, 5, 9)]
+    fixed, per_node = StreamingRunner.verify_cost(fake)
+    assert abs(fixed - 0.2) < 1e-9 and abs(per_node - 0.001) < 1e-9

@@ -448,7 +448,10 @@ class StreamingRunner(ModelRunner):
             return float(t.mean()), 0.0
         slope, icpt = np.polyfit(n, t, 1)
         slope = max(0.0, float(slope))
-        return max(0.0, float(t.mean() - slope * n.mean())), slope
+        fixed = float(t.mean() - slope * n.mean())
+        if fixed <= 0:  # noise on fast passes tilted the fit: a pass never costs nothing, so
+            return float(t.mean()), 0.0  # fall back to the size-independent model
+        return fixed, slope
 
     def memory_report(self) -> dict[str, Any]:
         """Budget, planned breakdown, resident parts and the usage now (bytes)."""
