@@ -25,6 +25,9 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int
     quant: str
+    # ONNX graphs: "in place" (GroupQueryAttention writes into the runtime's cache, bundle.py
+    # KV_LAYOUT_KEY) or "new nodes" (presents hold only the new nodes' K/V); "" for other files
+    kv_layout: str = ""
     files: dict[str, int] = field(default_factory=dict)  # path -> bytes on disk
     tensors: list[TensorInfo] = field(default_factory=list)
 
@@ -73,10 +76,24 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
         info = ModelInfo(role, spec.arch, spec.num_parameters(), spec.num_layers, spec.hidden_size,
                          spec.vocab_size, quant=quant)
         info.files = {f.path: f.bytes for f in manifest.files if f.path.startswith(role + "/")}
+        if entry.onnx:
+            info.kv_layout = _onnx_kv_layout(path / entry.onnx)
         if tensors and entry.onnx:
             info.tensors = _onnx_initializers(path / entry.onnx)
         models.append(info)
     return InspectReport(path, "bundle", models)
+
+
+def _onnx_kv_layout(onnx_path: Path) -> str:
+    import onnx
+
+    from .bundle import KV_IN_PLACE, KV_LAYOUT_KEY
+
+    if not onnx_path.is_file():
+        return ""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    layout = {p.key: p.value for p in model.metadata_props}.get(KV_LAYOUT_KEY)
+    return "in place" if layout == KV_IN_PLACE else "new nodes"
 
 
 def _onnx_initializers(onnx_path: Path) -> list[TensorInfo]:
@@ -117,7 +134,7 @@ def report_to_json(report: InspectReport) -> str:
         "models": [{
             "role": m.role, "arch": m.arch, "num_parameters": m.num_parameters,
             "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-            "quant": m.quant, "bytes_on_disk": m.bytes_on_disk, "files": m.files,
+            "quant": m.quant, "kv_layout": m.kv_layout, "bytes_on_disk": m.bytes_on_disk, "files": m.files,
             "tensors": [{"name": t.name, "format": t.format, "shape": list(t.shape), "bytes": t.bytes}
                         for t in m.tensors],
         } for m in report.models],

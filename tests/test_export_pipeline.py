@@ -132,6 +132,9 @@ def test_cli_quantize_and_inspect(tiny_checkpoint, tmp_path, capsys):
     formats = {t["format"] for t in model["tensors"]}
     assert "int4 MatMulNBits b16" in formats
     assert model["bytes_on_disk"] == sum(model["files"].values()) > 0
+    assert model["kv_layout"] == "in place"  # exported graphs write the KV cache in place
+    assert main(["inspect", str(out)]) == 0
+    assert "KV cache written in place" in capsys.readouterr().out
     # inspect of the source folder lists its tensors with their stored dtypes
     assert main(["inspect", str(src), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -139,7 +139,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for m in report.models:
         print(f"  {m.role}: {m.arch}, {m.num_parameters / 1e6:.1f} M parameters, {m.num_layers} layers, "
               f"hidden {m.hidden_size}, vocab {m.vocab_size}, weights {m.quant}, "
-              f"{_human_bytes(m.bytes_on_disk)} on disk")
+              f"{_human_bytes(m.bytes_on_disk)} on disk"
+              + (f", KV cache written {m.kv_layout}" if m.kv_layout == "in place" else ""))
         for path, size in sorted(m.files.items()):
             print(f"    {path:40s} {_human_bytes(size):>10s}")
         if args.tensors:
