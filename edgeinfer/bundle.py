@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from .errors import BundleError
 from .spec import ModelSpec
@@ -39,6 +39,12 @@ ROLES = ("target", "draft")
 # the whole bound past + n.
 KV_LAYOUT_KEY = "edgeinfer.kv_layout"
 KV_IN_PLACE = "in_place"
+
+
+def kv_in_place(metadata: Mapping[str, str]) -> bool:
+    """Whether a graph's metadata (onnxruntime's custom_metadata_map, or ONNX metadata_props as
+    a dict) names the in-place KV layout."""
+    return metadata.get(KV_LAYOUT_KEY) == KV_IN_PLACE
 
 
 @dataclass(frozen=True)

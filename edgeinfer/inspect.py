@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError
 
@@ -76,32 +77,29 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
         info = ModelInfo(role, spec.arch, spec.num_parameters(), spec.num_layers, spec.hidden_size,
                          spec.vocab_size, quant=quant)
         info.files = {f.path: f.bytes for f in manifest.files if f.path.startswith(role + "/")}
-        if entry.onnx:
-            info.kv_layout = _onnx_kv_layout(path / entry.onnx)
-        if tensors and entry.onnx:
-            info.tensors = _onnx_initializers(path / entry.onnx)
+        if entry.onnx and (path / entry.onnx).is_file():
+            import onnx
+
+            graph = onnx.load(str(path / entry.onnx), load_external_data=False)  # once for both
+            info.kv_layout = _onnx_kv_layout(graph)
+            if tensors:
+                info.tensors = _onnx_initializers(graph)
         models.append(info)
     return InspectReport(path, "bundle", models)
 
 
-def _onnx_kv_layout(onnx_path: Path) -> str:
+def _onnx_kv_layout(model: Any) -> str:
+    """"in place" or "new nodes" for an ONNX ModelProto (bundle.kv_in_place)."""
+    from .bundle import kv_in_place
+
+    return "in place" if kv_in_place({p.key: p.value for p in model.metadata_props}) else "new nodes"
+
+
+def _onnx_initializers(model: Any) -> list[TensorInfo]:
+    """Initializers of an ONNX ModelProto, labelled by how the graph uses them (e.g. "int4
+    MatMulNBits b32" for packed weights, "scales"), with their sizes in the external data file."""
     import onnx
 
-    from .bundle import KV_IN_PLACE, KV_LAYOUT_KEY
-
-    if not onnx_path.is_file():
-        return ""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    layout = {p.key: p.value for p in model.metadata_props}.get(KV_LAYOUT_KEY)
-    return "in place" if layout == KV_IN_PLACE else "new nodes"
-
-
-def _onnx_initializers(onnx_path: Path) -> list[TensorInfo]:
-    """Initializers of a graph, labelled by how the graph uses them (e.g. "int4 MatMulNBits
-    b32" for packed weights, "scales"), with their sizes in the external data file."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     role: dict[str, str] = {}
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

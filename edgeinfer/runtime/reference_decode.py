@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import KV_IN_PLACE, KV_LAYOUT_KEY
+from ..bundle import kv_in_place
 from ..spec import ModelSpec
 
 MASK_MIN = float(np.finfo(np.float32).min)  # "not visible" in attention_bias
@@ -85,7 +85,7 @@ def run_tree(session: ort.InferenceSession, spec: ModelSpec, past: KV, tokens: S
         feeds[f"past_value.{i}"] = np.ascontiguousarray(v[:, :, :past_len])
     wanted = ["logits"] + [f"present_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")]
     out = session.run(wanted, feeds)
-    skip = past_len if session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY) == KV_IN_PLACE else 0
+    skip = past_len if kv_in_place(session.get_modelmeta().custom_metadata_map) else 0
     present = [(out[1 + 2 * i][:, :, skip:], out[2 + 2 * i][:, :, skip:]) for i in range(spec.num_layers)]
     return TreeOutput(logits=out[0][0], present=present)
 

@@ -19,7 +19,7 @@ takes 100 us). What keeps it there:
 Uncommitted ("scratch") nodes from earlier ``forward`` calls live in the cache right after the
 committed tokens; the attention bias decides which of them each new node sees.
 
-Graphs whose metadata says ``KV_IN_PLACE`` (bundle.py; the export's default where
+Graphs whose metadata names the in-place KV layout (bundle.kv_in_place; the export's default where
 GroupQueryAttention runs) are run through an IOBinding instead: each layer's past input and
 present output are bound to the same cache view, the kernel writes the n new nodes' K/V into it
 at positions L + s .. L + s + n itself, and the attention bias covers only those L + s + n
@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..bundle import KV_IN_PLACE, KV_LAYOUT_KEY
+from ..bundle import kv_in_place
 from ..errors import BundleError, ContextLimitError
 from ..spec import ModelSpec
 from .kvcache import KVCache
@@ -95,9 +95,7 @@ class ModelRunner:
         self.cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_context,
                              block=kv_block, dtype=self._kv_dtype)
         self._out_names = want_out
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.kv_in_place = meta.get(KV_LAYOUT_KEY) == KV_IN_PLACE
-        self._vocab = spec.vocab_size
+        self.kv_in_place = kv_in_place(self.session.get_modelmeta().custom_metadata_map)
         # Binding the cache's host memory as a device kernel's output would copy the whole cache
         # both ways every step; off the CPU provider an in-place graph runs through run()
         # instead, its presents (the whole buffer, past copied in) sliced at the new positions.
@@ -168,7 +166,7 @@ class ModelRunner:
         io.bind_cpu_input("input_ids", ids)
         for name, value in step.items():
             io.bind_cpu_input(name, value)
-        logits = np.empty((1, len(step["logits_index"]), self._vocab), dtype=np.float32)
+        logits = np.empty((1, len(step["logits_index"]), self.spec.vocab_size), dtype=np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         t0 = time.perf_counter()
         self.session.run_with_iobinding(io)
