@@ -322,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         for method in a.methods.split(","):
             r = run_one(method, cap, info, a)
             if method == "tree" and "MemoryBudgetError" in r.get("error", ""):
+                why = r["error"]
+                print(f"  {ratio:g}x cap {cap // MiB} MiB tree  : the draft does not fit ({why}); "
+                      "Token Recycling instead", flush=True)
                 r = run_one(method, cap, info, a, drafter="recycle", nodes=max(a.nodes, 48))
+                r["draft_refused"] = why
             r["ratio"] = ratio
             if method == "tree" and r.get("drafter", "model") == "model":
                 r["draft"] = cap_drafts.get(ratio, a.draft)

@@ -200,3 +200,66 @@ def test_trim_heap_gives_freed_heap_back():
     assert memory.trim_heap()
     assert memory.process_rss() < before - (16 << 20)
     del keep2
+
+
+def _resident_bytes(lo: int, hi: int) -> int:
+    """Resident bytes of this process's mappings overlapping [lo, hi) (smaps)."""
+    return sum(f.get("Rss", 0) * 1024 for a, b, _, f in memory._smaps() if a < hi and b > lo)
+
+
+def _thp_enabled() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def test_avoid_huge_pages_keeps_a_sparsely_touched_buffer_small():
+    """One element touched per 3 MiB row: with NumPy's huge-page advice a 2 MiB page each;
+    with avoid_huge_pages only the 4 KiB pages touched."""
+    import numpy as np
+
+    if not _thp_enabled():
+        pytest.skip("transparent huge pages are off on this kernel: nothing to avoid")
+    shape = (60, 3 * 4096 * 64)  # a SmolLM2 KV cache for 4096 tokens, 188 MB
+    control, advised = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    assert memory.avoid_huge_pages(advised)
+    for a in (control, advised):
+        a[:, 0] = 1.0
+    span = lambda a: (a.ctypes.data, a.ctypes.data + a.nbytes)  # noqa: E731
+    if _resident_bytes(*span(control)) < 32 << 20:
+        pytest.skip("NumPy did not get huge pages for the control buffer here")
+    assert _resident_bytes(*span(advised)) < 4 << 20
+    assert float(advised.sum()) == 60.0
+
+
+def test_release_clean_file_pages_keeps_contents_and_written_mappings(tmp_path):
+    import mmap
+
+    d = tmp_path / "model"
+    d.mkdir()
+    clean, written = d / "clean.data", d / "written.data"
+    data = os.urandom(2 << 20)
+    for f in (clean, written):  # written and flushed: clean pages, as a bundle's files are
+        with open(f, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    with open(clean, "rb") as f1, open(written, "r+b") as f2:
+        # private writable mappings, as onnxruntime maps external data
+        m1 = mmap.mmap(f1.fileno(), 0, access=mmap.ACCESS_COPY)
+        m2 = mmap.mmap(f2.fileno(), 0, access=mmap.ACCESS_COPY)
+        assert m1[:] == data and m2[:] == data  # loading reads it all
+        m2[:4] = b"\0\0\0\0"  # a private copy of one page
+        before = sum(f.get("Rss", 0) for _, _, p, f in memory._smaps() if p.startswith(str(d)))
+        freed = memory.release_clean_file_pages(d)
+        if not hasattr(memory, "_smaps") or before == 0:
+            pytest.skip("no /proc/self/smaps here")
+        assert freed >= len(data) - 8192  # the clean mapping's pages
+        resident = {p: f.get("Rss", 0) * 1024 for _, _, p, f in memory._smaps() if p.startswith(str(d))}
+        assert resident[os.path.realpath(clean)] < 64 << 10
+        assert m1[:] == data  # faults back in from the file
+        assert m2[:4] == b"\0\0\0\0" and m2[4:] == data[4:]  # the private copy survived
+        m1.close()
+        m2.close()

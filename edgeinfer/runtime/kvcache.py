@@ -2,7 +2,8 @@
 
 Layout (chosen by measurement, see session.py): one float buffer of ``2 * layers`` rows (K and
 V of each layer, the order of the graph's present outputs) of ``kv_heads * max_context *
-head_dim`` elements, allocated with np.zeros (pages are only touched as the cache fills). The
+head_dim`` elements, allocated with np.zeros (pages are only touched as the cache fills: the
+buffer is advised against transparent huge pages, memory.avoid_huge_pages). The
 first ``kv_heads * capacity * head_dim`` elements of a row are viewed as a C-contiguous
 ``[1, kv_heads, capacity, head_dim]`` array that is fed to the graph as ``past_key.{i}`` /
 ``past_value.{i}`` *without a copy*; one NumPy operation writes or gathers all layers.
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .memory import avoid_huge_pages
+
 
 class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
@@ -32,6 +35,7 @@ class KVCache:
         self.max_context, self.block = max_context, block
         # Row 2i: layer i's K, row 2i+1: its V.
         self._buf = np.zeros((2 * num_layers, kv_heads * max_context * head_dim), dtype=dtype)
+        avoid_huge_pages(self._buf)  # else each row's first token makes 2 MiB of it resident
         self.length = 0  # committed tokens
         self.capacity = 0
         self.keys: list[np.ndarray] = []  # per layer [1, kv_heads, capacity, head_dim] views

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -237,8 +238,86 @@ def resolve_budget(value: str | int | float | None = None) -> MemoryBudget:
 # -- keeping a memory-mapped model resident ---------------------------------------------------
 
 _MADV_DONTNEED = 4
+_MADV_NOHUGEPAGE = 15
 _MLOCK_ONFAULT = 1
 _SYS_MLOCK2 = {"x86_64": 325, "aarch64": 284}
+
+
+def _madvise(lo: int, hi: int, advice: int) -> bool:
+    """madvise over the whole pages inside [lo, hi); False where unsupported or refused."""
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    page = mmap.PAGESIZE
+    lo, hi = -(-lo // page) * page, hi // page * page
+    if hi <= lo:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(advice)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def avoid_huge_pages(buffer: Any) -> bool:
+    """Ask the kernel not to back ``buffer`` (a NumPy array, before anything is written to it)
+    with transparent huge pages.
+
+    NumPy advises huge pages for every array of 4 MiB or more. A buffer that fills sparsely
+    then becomes resident 2 MiB at a time: the KV cache keeps each layer's keys and values in
+    a row sized for ``max_context`` and fills every row from its start, so its first tokens
+    made nearly the whole buffer resident (measured: SmolLM2's 188 MB cache for 4096 tokens
+    held 178 MB after 40 tokens, 3 MB with this advice; the same again for the draft's).
+    Returns False where unsupported (not Linux)."""
+    addr = buffer.__array_interface__["data"][0]
+    return _madvise(addr, addr + buffer.nbytes, _MADV_NOHUGEPAGE)
+
+
+def _smaps(path: str | os.PathLike = "/proc/self/smaps") -> list[tuple[int, int, str, dict[str, int]]]:
+    """(start, end, mapped file, {field: kB}) per mapping of this process; [] off Linux."""
+    out: list[tuple[int, int, str, dict[str, int]]] = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5:
+            try:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+            except ValueError:
+                continue
+            out.append((lo, hi, head[5] if len(head) == 6 else "", {}))
+        elif out and line.endswith(" kB"):
+            key, _, value = line.partition(":")
+            out[-1][3][key] = int(value.split()[0])
+    return out
+
+
+def release_clean_file_pages(directory: str | os.PathLike) -> int:
+    """Drop this process's resident pages of the files under ``directory`` that it has mapped
+    and never written (no private copy): they stay in the page cache and fault back in if
+    touched again. Returns the bytes of resident set given back (0 off Linux).
+
+    onnxruntime memory-maps a model's external data and reads all of it while pre-packing the
+    weights into its own buffers; afterwards a model may touch only a little of the file again
+    (norm weights, the embedding rows of its tokens), yet every page read at load time stays
+    in the process's resident set (measured: 152 MB for the default SmolLM2 pair, of which
+    42 MB is never read again). A mapping with written pages (private anonymous copies,
+    resident or swapped) is left alone: dropping those would lose the writes."""
+    root = os.path.realpath(directory) + os.sep
+    freed = 0
+    for lo, hi, file, fields in _smaps():
+        if not file.startswith(root) or fields.get("Rss", 0) == 0:
+            continue
+        if fields.get("Anonymous", 0) or fields.get("Swap", 0):  # private copies: written
+            continue
+        if _madvise(lo, hi, _MADV_DONTNEED):
+            freed += fields["Rss"] * 1024
+    return freed
 
 
 def file_mappings(path: str | os.PathLike) -> list[tuple[int, int]]:

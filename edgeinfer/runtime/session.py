@@ -43,6 +43,7 @@ from ..bundle import kv_in_place
 from ..errors import BundleError, ContextLimitError
 from ..spec import ModelSpec
 from .kvcache import KVCache
+from .memory import release_clean_file_pages
 from .providers import SessionSettings, create_session
 
 NEG = float(np.finfo(np.float32).min)  # "not visible" in an attention bias
@@ -76,6 +77,9 @@ class ModelRunner:
         settings = settings or SessionSettings(intra_op_threads=threads)
         self.session, self.report = create_session(onnx_path, providers, settings, model=name)
         self.provider: str = self.report.chosen
+        # bytes of the loaded model's file pages handed back (SessionSettings.release_file_pages)
+        self.released_file_bytes = (release_clean_file_pages(Path(onnx_path).parent)
+                                    if settings.release_file_pages else 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         required = ["input_ids", "position_ids", "attention_bias", "logits_index"]
