@@ -8,7 +8,8 @@ a fresh process inside a fresh cgroup (page cache counted), caches dropped befor
 
 * llama.cpp  - llama-cpp-python, F32 GGUF of the same weights, default mmap, 2 threads
 * plain      - edgeinfer plain greedy decoding, target streamed from per-layer shards
-* tree       - edgeinfer token-tree speculation (resident draft, ``--draft`` spec, default int4)
+* tree       - edgeinfer token-tree speculation (resident draft, ``--draft`` spec, default the
+               int4 affine copy with an int8 head; Token Recycling where it does not fit)
                with streaming and the compute-IO pipeline (the draft keeps drafting while the
                target verifies)
 
@@ -36,13 +37,14 @@ MiB = 2**20
 
 # -- preparation (outside any cap) ----------------------------------------------------------
 
-def prepare(work: Path, draft_spec: str = "int4") -> dict:
+def prepare(work: Path, draft_spec: str = "int4,affine,head=int8", split: str = "matrix") -> dict:
     from edgeinfer.bundle import load_manifest
     from edgeinfer.models import BUNDLE_LAYOUT_REVISION, default_model_path
 
     work.mkdir(parents=True, exist_ok=True)
     # named with the layout revision: bundles of an older graph layout are rebuilt, not reused
-    bundle = work / (f"bundle{BUNDLE_LAYOUT_REVISION}-" + "".join(c if c.isalnum() else "_" for c in draft_spec))
+    bundle = work / (f"bundle{BUNDLE_LAYOUT_REVISION}-" + "".join(c if c.isalnum() else "_" for c in draft_spec)
+                     + ("" if split == "layer" else f"-{split}"))
     if not (bundle / "manifest.json").is_file():
         from edgeinfer.export.pipeline import DraftFromTarget, ExportConfig, export_bundle
         from edgeinfer.quant.recipe import QuantRecipe, WeightFormat
@@ -50,12 +52,13 @@ def prepare(work: Path, draft_spec: str = "int4") -> dict:
         # the draft: the target's weights in int4 (embedding/head too, so that it stays small)
         draft = DraftFromTarget.parse(draft_spec)
         config = ExportConfig(out=bundle, target=default_model_path(), draft_from_target=draft,
-                              target_recipe=QuantRecipe(WeightFormat.FP32), shards=True, overwrite=True)
+                              target_recipe=QuantRecipe(WeightFormat.FP32), shards=True, shard_split=split,
+                              overwrite=True)
         try:
             export_bundle(config)
         except ImportError:  # an exporter that cannot write shards yet: add them here
             export_bundle(dataclasses.replace(config, shards=False))
-            _add_shards(bundle)
+            _add_shards(bundle, split)
     manifest = load_manifest(bundle, verify=False)
     if not manifest.models["target"].shards:
         raise SystemExit(f"{bundle}: the bundle has no target shards (export with shards=True)")
@@ -86,7 +89,7 @@ def prepare(work: Path, draft_spec: str = "int4") -> dict:
             "target_bytes": gguf.stat().st_size}
 
 
-def _add_shards(bundle: Path) -> None:
+def _add_shards(bundle: Path, split: str) -> None:
     from edgeinfer.bundle import file_entries, load_manifest, write_manifest
     from edgeinfer.export.checkpoint import load_checkpoint
     from edgeinfer.export.onnx_shards import build_layer_shards
@@ -95,7 +98,7 @@ def _add_shards(bundle: Path) -> None:
 
     ckpt = load_checkpoint(default_model_path())
     info = build_layer_shards(ckpt.spec, ckpt.weights.get, QuantRecipe(WeightFormat.FP32),
-                              bundle / "target" / "layers")
+                              bundle / "target" / "layers", split=split)
     m = load_manifest(bundle, verify=False)
     target = dataclasses.replace(m.models["target"], shards=info.to_manifest(bundle))
     write_manifest(bundle, dataclasses.replace(m, models={**m.models, "target": target},
@@ -283,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="cost", choices=["cost", "llmcad", "fixed"],
                    help="when to verify: cost-aware (default), LLMCad's alpha fallback, or a fixed tree budget")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--draft", default="int4", help="--draft-from-target spec of the resident draft (int4,affine,head=int8 "
-                   "agrees far better but needs ~40 MiB more resident than the 2x cap leaves)")
+    p.add_argument("--draft", default="int4,affine,head=int8",
+                   help="--draft-from-target spec of the resident draft (default: the default pair's; 'int4' "
+                        "is 30 MiB smaller and agrees far less)")
     p.add_argument("--cap-draft", action="append", default=[], metavar="RATIO=SPEC",
                    help="another draft for one cap ratio (repeatable), e.g. 1.6=int4,affine,head=int8")
+    p.add_argument("--shard-split", choices=("layer", "block", "matrix"), default="matrix",
+                   help="how the target's shards cut each layer (export --shard-split; default matrix)")
     # worker arguments
     p.add_argument("--method")
     p.add_argument("--bundle")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"--cap-draft {item!r}: expected RATIO=SPEC, e.g. 1.6=int4,affine,head=int8")
         cap_drafts[float(ratio)] = spec
-    infos = {spec: prepare(work, spec) for spec in {a.draft, *cap_drafts.values()}}
+    infos = {spec: prepare(work, spec, a.shard_split) for spec in {a.draft, *cap_drafts.values()}}
     info = infos[a.draft]
     bw = disk_bandwidth(Path(info["bundle"]))
     print(f"disk read bandwidth (caches dropped): O_DIRECT {bw['o_direct_MBps']:.0f} MB/s, "
@@ -360,6 +366,7 @@ def print_table(rows: list[dict], bw: dict) -> None:
             continue
         res = r.get("resident")
         layers = [x for x in (res or []) if x.startswith("layer.")]
+        parts = any(x.count(".") == 2 for x in layers)  # layer.{i}.{j}: parts of split layers
         print("| " + " | ".join([
             f"{r['ratio']:g}x {r['cap_MiB']:.0f}", r["method"] + (f" ({r['drafter']})" if "drafter" in r else f" ({r['draft']})" if "draft" in r else ""),
             f"{r['decode_tps']:.2f}", f"{r.get('x_llama', float('nan')):.1f}", f"{r.get('x_plain', float('nan')):.1f}",
@@ -368,7 +375,7 @@ def print_table(rows: list[dict], bw: dict) -> None:
             f"{r.get('tokens_per_verification', 1.0):.2f}" if r["method"] != "llama" else "1",
             f"{r.get('streamed_MB_per_pass', float('nan')):.0f}", f"{r.get('io_s_per_pass', float('nan')):.3f}",
             f"{r.get('compute_s_per_pass', float('nan')):.3f}",
-            "-" if res is None else f"{len(layers)} layers" + (", head" if any(x.startswith("head") for x in res) else ""),
+            "-" if res is None else f"{len(layers)} layer{' parts' if parts else 's'}" + (", head" if any(x.startswith("head") for x in res) else ""),
             r.get("agreement_vs_plain", "-")]) + " |")
     print(f"\ndisk: O_DIRECT {bw['o_direct_MBps']:.0f} MB/s, buffered {bw['buffered_MBps']:.0f} MB/s. "
           "cgroup peak: the cap's high-water mark (page cache fills any free room); held: the largest "

@@ -41,6 +41,12 @@ KV_LAYOUT_KEY = "edgeinfer.kv_layout"
 KV_IN_PLACE = "in_place"
 
 
+# How finely a target's layer shards are cut (export/onnx_shards.py): one shard per layer, its
+# attention and MLP blocks, or about one weight matrix each. The manifest's "shards.layers"
+# lists a path per layer, or a list of paths (the parts, in the order they run).
+SHARD_SPLITS = ("layer", "block", "matrix")
+
+
 def kv_in_place(metadata: Mapping[str, str]) -> bool:
     """Whether a graph's metadata (onnxruntime's custom_metadata_map, or ONNX metadata_props as
     a dict) names the in-place KV layout."""
@@ -62,7 +68,7 @@ class ModelEntry:
     quant: dict[str, Any]  # the QuantRecipe as a dict (edgeinfer.quant.recipe)
     onnx: str | None  # relative path of the full tree-verify graph
     gguf: str | None = None
-    shards: dict[str, Any] | None = None  # {"embed": path, "layers": [paths], "head": path}
+    shards: dict[str, Any] | None = None  # {"embed": path, "layers": [path or [paths]], "head": path}
     source: dict[str, Any] = field(default_factory=dict)  # {"name": basename, "format": "gguf"|"hf", ...}
     graph_inputs: tuple[str, ...] = ()  # names of the graph's non-KV inputs
 

@@ -59,3 +59,34 @@ def test_streamed_engine_defaults_and_resident_draft_settings(sharded):
     pol = make_policy(eng.defaults, eng.target, eng.drafters["model"])
     pol.refresh()  # the passes just measured feed the policy's costs
     assert pol.verify_s is not None and pol.verify_s > 0 and pol.draft_step_s > 0
+
+
+def test_export_splits_layers_into_matrix_shards_by_default(sharded, tiny_checkpoint, tmp_path):
+    """The default --shards layout: four shards a layer (attention, gate, up, down), listed per
+    layer in the manifest; a bundle of one shard per layer streams the same tokens."""
+    from edgeinfer.bundle import load_manifest
+
+    layers = load_manifest(sharded).models["target"].shards["layers"]
+    assert all(isinstance(p, list) and [q.rsplit("_", 1)[1] for q in p] ==
+               ["attn.onnx", "gate.onnx", "up.onnx", "down.onnx"] for p in layers)
+    whole = tmp_path / "whole"
+    export_bundle(ExportConfig(out=whole, target=tiny_checkpoint("llama"), shards=True, shard_split="layer",
+                               draft_from_target=DraftFromTarget.parse("int8")))
+    assert all(isinstance(p, str) for p in load_manifest(whole).models["target"].shards["layers"])
+    a = edgeinfer.load(sharded, memory_budget="2GB").generate("the quick brown fox", max_new_tokens=8, mode="plain")
+    b = edgeinfer.load(whole, memory_budget="2GB").generate("the quick brown fox", max_new_tokens=8, mode="plain")
+    assert a.tokens == b.tokens
+    with pytest.raises(ConfigError, match="shard_split"):
+        ExportConfig(out=tmp_path / "x", shards=True, shard_split="rows")
+
+
+def test_manifest_shard_layers_must_be_paths(tmp_path):
+    from edgeinfer.runtime.streaming import ShardPaths
+
+    for bad in ({"embed": "e", "head": "h", "layers": [[]]}, {"embed": "e", "head": "h", "layers": [3]},
+                {"embed": "e", "layers": ["a"]}):
+        with pytest.raises(BundleError, match="'layers'"):
+            ShardPaths.from_manifest(tmp_path, bad)
+    ok = ShardPaths.from_manifest(tmp_path, {"embed": "e", "head": "h", "layers": ["a", ["b", "c"]]})
+    assert ok.layers == ((tmp_path / "a",), (tmp_path / "b", tmp_path / "c"))
+    assert ok.layer_files == (tmp_path / "a", tmp_path / "b", tmp_path / "c")

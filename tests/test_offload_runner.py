@@ -21,21 +21,43 @@ from runtime_models import build_tiny_onnx, random_weights, raw_greedy, raw_logi
 KiB, MiB = 2**10, 2**20
 
 
-def _build(root: Path, spec, seed: int = 0) -> tuple[Path, ShardPaths]:
+def _build(root: Path, spec, seed: int = 0, split: str = "layer", gemm_head: bool = True) -> tuple[Path, ShardPaths]:
     from edgeinfer.export.onnx_shards import build_layer_shards
 
     w = random_weights(spec, seed)
     full = build_tiny_onnx(spec, root, seed)
-    info = build_layer_shards(spec, w.__getitem__, QuantRecipe(), root / "layers")
+    info = build_layer_shards(spec, w.__getitem__, QuantRecipe(), root / "layers", split=split,
+                              gemm_head=gemm_head)
     return full, ShardPaths.from_manifest(root, info.to_manifest(root))
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "llama-matrix"])
 def model(request, tmp_path_factory):
-    spec = tiny_spec(layers=6) if request.param == "llama" else tiny_spec(layers=6, sliding_window=8)
+    """"llama-matrix": each layer in four shards (attention, gate, up, down) streamed as parts;
+    "gemma3" (sliding layers) keeps the head as a MatMul on [hidden, vocab] (the layout of
+    bundles exported before the Gemm head), read in slices of the hidden axis."""
+    spec = tiny_spec(layers=6, sliding_window=8 if request.param == "gemma3" else None)
     root = tmp_path_factory.mktemp(request.param)
-    full, shards = _build(root, spec)
+    full, shards = _build(root, spec, split="matrix" if request.param.endswith("matrix") else "layer",
+                          gemm_head=request.param != "gemma3")
     return spec, full, shards
+
+
+def _layer_bytes(r: StreamingRunner, i: int = 0) -> int:
+    """Bytes of decoder layer i's weights, all its parts."""
+    return sum(p.nbytes for n, p in r._parts.items() if n == f"layer.{i}" or n.startswith(f"layer.{i}."))
+
+
+def _data_file(shards: ShardPaths, part: str) -> Path:
+    """The data file of a planner part named layer.{i} or layer.{i}.{j}."""
+    _, i, *j = part.split(".")
+    return shards.layers[int(i)][int(j[0]) if j else 0].with_suffix(".onnx.data")
+
+
+def _copy_shards(shards0: ShardPaths, dest: Path) -> ShardPaths:
+    return ShardPaths.from_manifest(dest, {
+        "embed": _copy(shards0.embed, dest), "head": _copy(shards0.head, dest),
+        "layers": [[_copy(p, dest) for p in parts] for parts in shards0.layers]})
 
 
 def runner(spec, shards, budget=None, **kw) -> StreamingRunner:
@@ -49,7 +71,7 @@ def runner(spec, shards, budget=None, **kw) -> StreamingRunner:
 def streaming_budget(spec, shards) -> int:
     """A budget that keeps about half of the layers resident."""
     probe = runner(spec, shards)
-    layer = probe._parts["layer.0"].nbytes
+    layer = _layer_bytes(probe)
     b = probe.plan.breakdown
     fixed = b["baseline"] + b["kv"] + b["activations"] + b.get("embed rows", 0)
     others = sum(probe._parts[n].nbytes for n in probe.plan.resident if not n.startswith("layer."))
@@ -68,7 +90,12 @@ def test_plan_streams_and_keeps_to_budget(model):
     assert any(n.startswith("layer.") for n in r.plan.streamed)
     assert any(n.startswith("layer.") for n in r.plan.resident)
     assert r.plan.prefetch and r._ring is not None and r._ring.k == 2
-    assert len({g.signature for g in r._layers}) == (2 if spec.has_sliding_layers else 1)  # shared sessions
+    assert r._split is not None and r._split.layout == ("kn" if spec.has_sliding_layers else "nk")
+    parts = len(shards.layers[0])
+    # shared sessions: one per kind of part (sliding layers' attention differs)
+    assert len({g.signature for gs in r._layers for g in gs}) == parts + spec.has_sliding_layers
+    if parts > 1:  # the pool holds two consecutive parts, not two layers
+        assert r.plan.pool_bytes < _layer_bytes(r)
     r.close()
 
 
@@ -137,7 +164,7 @@ def test_too_small_budget_fails_before_reading_weights(model, monkeypatch):
     reads = []
     real = shard_io.WeightReader.read
     monkeypatch.setattr(shard_io.WeightReader, "read", lambda self, *a, **k: (reads.append(a), real(self, *a, **k)))
-    layer = runner(spec, shards)._parts["layer.0"].nbytes
+    layer = max(p.nbytes for n, p in runner(spec, shards)._parts.items() if n.startswith("layer."))
     reads.clear()
     with pytest.raises(MemoryBudgetError, match=r"too small.*process and draft.*largest streamed part"):
         StreamingRunner(shards, spec, 3 * MiB, baseline=3 * MiB - layer, max_context=96, max_nodes=16)
@@ -154,12 +181,10 @@ def _replace(path: Path, data: bytes) -> None:
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated"])
 def test_damaged_shard_mid_generation_is_a_clear_error(model, tmp_path, damage):
     spec, _, shards0 = model
-    shards = ShardPaths.from_manifest(tmp_path, {
-        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
-        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    shards = _copy_shards(shards0, tmp_path)
     r = runner(spec, shards, streaming_budget(spec, shards))
     victim = next(n for n in r.plan.streamed if n.startswith("layer."))
-    data = shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data")
+    data = _data_file(shards, victim)
     r.forward([1, 2, 3])
     r.commit(range(3))
     good = r.forward([4])
@@ -197,12 +222,10 @@ def test_in_place_bit_flip_caught_by_crc32_mode(model, tmp_path):
     import os
 
     spec, _, shards0 = model
-    shards = ShardPaths.from_manifest(tmp_path, {
-        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
-        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    shards = _copy_shards(shards0, tmp_path)
     r = runner(spec, shards, streaming_budget(spec, shards), verify="crc32")
     victim = next(n for n in r.plan.streamed if n.startswith("layer."))
-    data = shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data")
+    data = _data_file(shards, victim)
     r.forward([1, 2, 3])
     r.discard()
     st = os.stat(data)
@@ -278,9 +301,7 @@ def test_engine_request_ends_with_shard_error(model, tmp_path):
     from edgeinfer.runtime.engine import Engine
 
     spec, full, shards0 = model
-    shards = ShardPaths.from_manifest(tmp_path, {
-        "embed": _copy(shards0.embed, tmp_path), "head": _copy(shards0.head, tmp_path),
-        "layers": [_copy(p, tmp_path) for p in shards0.layers]})
+    shards = _copy_shards(shards0, tmp_path)
     r = runner(spec, shards, streaming_budget(spec, shards))
     victim = next(n for n in r.plan.streamed if n.startswith("layer."))
     engine = Engine(r, None, {})
@@ -291,7 +312,7 @@ def test_engine_request_ends_with_shard_error(model, tmp_path):
         for batch in engine.stream_tokens(prompt, max_new_tokens=12, mode="plain", ignore_eos=True):
             got += list(batch)
             if len(got) == 3:
-                shards.layers[int(victim.split(".")[1])].with_suffix(".onnx.data").unlink()
+                _data_file(shards, victim).unlink()
     assert 3 <= len(got) < 12 and same_or_near_tie(got, ref[:len(got)], gaps)
     r.close()
 
@@ -309,3 +330,25 @@ def test_verify_cost_fit_never_says_a_pass_is_free():
     fake.passes = [SimpleNamespace(nodes=n, wall_seconds=0.2 + 0.001 * n) for n in (1, 5, 9)]
     fixed, per_node = StreamingRunner.verify_cost(fake)
     assert abs(fixed - 0.2) < 1e-9 and abs(per_node - 0.001) < 1e-9
+
+
+def test_head_slices_and_the_logits_buffers_the_plan_counts(tmp_path):
+    """A Gemm head (row slices = column blocks of the logits) with only a reshape after it has
+    no tail to run; a softcap tail makes one more [nodes, vocab] array, which the plan counts."""
+    import dataclasses
+
+    from edgeinfer.runtime.offload import activation_bytes
+
+    for softcap in (None, 30.0):
+        spec = dataclasses.replace(tiny_spec(layers=2), final_logit_softcap=softcap)
+        root = tmp_path / f"softcap{softcap}"
+        root.mkdir()
+        full, shards = _build(root, spec, split="matrix")
+        r = runner(spec, shards, max_nodes=16)
+        assert r._split.layout == "nk" and (r._split.tail is None) == (softcap is None)
+        rows = r._parts["head.0"].rows[1] - r._parts["head.0"].rows[0]
+        want = activation_bytes(spec, 16, 96, rows) + (16 * spec.vocab_size * 4 if softcap else 0)
+        assert r.plan.breakdown["activations"] == want
+        ref = raw_logits(__import__("onnxruntime").InferenceSession(str(full)), spec, [3, 1, 4, 1, 5])
+        np.testing.assert_allclose(r.forward([3, 1, 4, 1, 5]), ref, rtol=1e-4, atol=1e-4)
+        r.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__
+from ..bundle import SHARD_SPLITS
 from ..errors import ConfigError, EdgeInferError
 
 EXIT_ERROR = 1
@@ -79,7 +80,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         config = replace(default_pair_config(Path(args.out), overwrite=args.force), shards=args.shards,
-                         formats=tuple((args.formats or "onnx").split(",")), target_exact=args.exact)
+                         shard_split=args.shard_split, formats=tuple((args.formats or "onnx").split(",")),
+                         target_exact=args.exact)
     else:
         dft = DraftFromTarget.parse(args.draft_from_target, args.block_size) if args.draft_from_target else None
         config = ExportConfig(
@@ -89,8 +91,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                   args.keep, args.affine, args.accuracy_level),
             draft_recipe=_recipe(args.draft_quant, args.block_size, not args.asymmetric, args.outlier,
                                  (), args.affine, args.accuracy_level),
-            formats=tuple((args.formats or "onnx").split(",")), shards=args.shards, overwrite=args.force,
-            target_exact=args.exact)
+            formats=tuple((args.formats or "onnx").split(",")), shards=args.shards,
+            shard_split=args.shard_split, overwrite=args.force, target_exact=args.exact)
     progress = TqdmProgress(not args.quiet)
     try:
         report = export_bundle(config, progress=progress)
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight format of a --draft checkpoint (default int4)")
     sp.add_argument("--formats", help="comma list of onnx,gguf (default onnx)")
     sp.add_argument("--shards", action="store_true", help="also write per-layer target shards (offloading)")
+    sp.add_argument("--shard-split", choices=SHARD_SPLITS, default="matrix",
+                    help="how finely --shards cuts each layer: one shard per layer, its attention and MLP "
+                         "blocks, or one per weight matrix (the default: least memory for the weights in "
+                         "flight when streaming, more onnxruntime runs per pass)")
     sp.add_argument("--out", required=True, help="output bundle directory")
     quant_args(sp)
 

@@ -12,7 +12,7 @@ from onnx import NodeProto
 
 from ..errors import CheckpointError
 from ..quant.onnx_encoding import encode_embedding, encode_linear
-from ..quant.recipe import QuantRecipe
+from ..quant.recipe import QuantRecipe, WeightFormat
 from ..spec import ModelSpec
 from .onnx_attention import AttentionInputs, emit_core_attention
 from .onnx_graph import MS_DOMAIN, GraphBuilder, node_path
@@ -49,13 +49,17 @@ class GraphOptions:
     fuse_gate_up: bool = False  # one MatMul for gate/up (+ Split)
     attention: str = "onnx"     # "onnx" (opset-23 Attention) | "gqa" (GroupQueryAttention)
     kv_in_place: bool = False   # "gqa" only: new K/V written into the bound cache buffer
+    # an fp32 LM head as Gemm(transB=1) on the weight as stored [vocab, hidden]: a row slice of
+    # the weight then gives a column block of the logits (a streamed head shard read in slices
+    # needs no [nodes, vocab] partial product per slice: runtime/shard_graphs.HeadSplit "nk")
+    gemm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_in_place and self.attention != "gqa":
             raise ValueError(f"GraphOptions: kv_in_place needs attention='gqa', not {self.attention!r}")
 
 
-def _weight(get_weight: GetWeight, name: str) -> np.ndarray:
+def required_weight(get_weight: GetWeight, name: str) -> np.ndarray:
     try:
         w = get_weight(name)
     except KeyError:
@@ -69,11 +73,11 @@ def emit_linear(g: GraphBuilder, get_weight: GetWeight, recipe: QuantRecipe, nam
     fmts = {recipe.format_for(n) for n in names}
     if len(fmts) != 1:
         raise CheckpointError(f"cannot fuse {names} with different formats {sorted(f.value for f in fmts)}")
-    ws = [_weight(get_weight, n) for n in names]
+    ws = [required_weight(get_weight, n) for n in names]
     w = ws[0] if len(ws) == 1 else np.concatenate(ws, axis=0)
     b = None
     if bias:
-        bs = [_weight(get_weight, n[: -len("weight")] + "bias") for n in names]
+        bs = [required_weight(get_weight, n[: -len("weight")] + "bias") for n in names]
         b = bs[0] if len(bs) == 1 else np.concatenate(bs)
     nodes, inits = encode_linear(_linear_path(names), w, b, recipe, fmts.pop(), x, out)
     g.add_initializers(inits)
@@ -117,7 +121,7 @@ def emit_embedding(g: GraphBuilder, spec: ModelSpec, get_weight: GetWeight, reci
     too and the embedding reads the head's initializers (the table is stored once); the head's
     nodes (input ``HEAD_IN``, output ``HEAD_OUT``) are returned for :func:`emit_head`.
     """
-    table = _weight(get_weight, "embed_tokens.weight")
+    table = required_weight(get_weight, "embed_tokens.weight")
     fe, fh = recipe.format_for("embed_tokens.weight"), recipe.format_for("lm_head.weight")
     share = (tie_head and spec.tie_word_embeddings and fe == fh
              and (not fe.is_block_quantized or recipe.outlier == "none"))
@@ -161,8 +165,8 @@ def emit_attention(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeig
         q, k, v = (emit_linear(g, get_weight, recipe, [n], x, f"{p}/{s}_proj/output_0", spec.qkv_bias)
                    for n, s in zip(projs, "qkv"))
     if spec.qk_norm:
-        q = _heads_norm(g, f"{p}/q_norm", q, H, hd, _weight(get_weight, pre + "q_norm.weight"), spec.rms_norm_eps)
-        k = _heads_norm(g, f"{p}/k_norm", k, KV, hd, _weight(get_weight, pre + "k_norm.weight"), spec.rms_norm_eps)
+        q = _heads_norm(g, f"{p}/q_norm", q, H, hd, required_weight(get_weight, pre + "q_norm.weight"), spec.rms_norm_eps)
+        k = _heads_norm(g, f"{p}/k_norm", k, KV, hd, required_weight(get_weight, pre + "k_norm.weight"), spec.rms_norm_eps)
     y, pk, pv = emit_core_attention(g, spec, i, opts.attention, io, q, k, v, past_k, past_v,
                                     opts.kv_in_place)
     out = emit_linear(g, get_weight, recipe, [pre + "o_proj.weight"], y, f"{p}/o_proj/output_0")
@@ -180,14 +184,17 @@ def emit_mlp(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, re
     else:
         gate = emit_linear(g, get_weight, recipe, names[:1], x, f"{p}/gate_proj/output_0")
         up = emit_linear(g, get_weight, recipe, names[1:], x, f"{p}/up_proj/output_0")
-    if spec.activation == "silu":
-        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/act/Sigmoid")], f"{p}/act/Mul")
-    elif spec.activation == "gelu_tanh":
-        act = g.node("Gelu", [gate], f"{p}/act/Gelu", approximate="tanh")
-    else:
-        raise CheckpointError(f"activation {spec.activation!r} is not supported")
-    h = g.node("Mul", [act, up], f"{p}/Mul")
+    h = g.node("Mul", [emit_mlp_activation(g, spec, p, gate), up], f"{p}/Mul")
     return emit_linear(g, get_weight, recipe, [pre + "down_proj.weight"], h, f"{p}/down_proj/output_0")
+
+
+def emit_mlp_activation(g: GraphBuilder, spec: ModelSpec, p: str, gate: str) -> str:
+    """The MLP's activation of its gate projection (``p``: the node name prefix)."""
+    if spec.activation == "silu":
+        return g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/act/Sigmoid")], f"{p}/act/Mul")
+    if spec.activation == "gelu_tanh":
+        return g.node("Gelu", [gate], f"{p}/act/Gelu", approximate="tanh")
+    raise CheckpointError(f"activation {spec.activation!r} is not supported")
 
 
 def emit_layer(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, recipe: QuantRecipe,
@@ -197,16 +204,16 @@ def emit_layer(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, 
     branch output, not yet added, so the add can fuse into the next norm). Returns
     (h, pending, present_key, present_value)."""
     p, pre, eps = f"/model/layers.{i}", f"layers.{i}.", spec.rms_norm_eps
-    x, h = emit_norm(g, f"{p}/input_norm", h, _weight(get_weight, pre + "input_norm.weight"), eps,
+    x, h = emit_norm(g, f"{p}/input_norm", h, required_weight(get_weight, pre + "input_norm.weight"), eps,
                      skip=pending, opts=opts)
     a, pk, pv = emit_attention(g, spec, i, get_weight, recipe, x, io, past_k, past_v, opts)
     if spec.sandwich_norm:
-        a, _ = emit_norm(g, f"{p}/post_attn_norm", a, _weight(get_weight, pre + "post_attn_norm.weight"), eps)
-    x, h = emit_norm(g, f"{p}/pre_mlp_norm", h, _weight(get_weight, pre + "pre_mlp_norm.weight"), eps,
+        a, _ = emit_norm(g, f"{p}/post_attn_norm", a, required_weight(get_weight, pre + "post_attn_norm.weight"), eps)
+    x, h = emit_norm(g, f"{p}/pre_mlp_norm", h, required_weight(get_weight, pre + "pre_mlp_norm.weight"), eps,
                      skip=a, opts=opts)
     m = emit_mlp(g, spec, i, get_weight, recipe, x, opts)
     if spec.sandwich_norm:
-        m, _ = emit_norm(g, f"{p}/post_mlp_norm", m, _weight(get_weight, pre + "post_mlp_norm.weight"), eps)
+        m, _ = emit_norm(g, f"{p}/post_mlp_norm", m, required_weight(get_weight, pre + "post_mlp_norm.weight"), eps)
     return h, m, pk, pv
 
 
@@ -217,15 +224,23 @@ def emit_head(g: GraphBuilder, spec: ModelSpec, get_weight: GetWeight, recipe: Q
     h = g.node("Gather", [h, logits_index], "/model/logits_index/Gather", axis=1)  # [1, m, hidden]
     if pending is not None:
         pending = g.node("Gather", [pending, logits_index], "/model/logits_index/Gather_1", axis=1)
-    x, _ = emit_norm(g, "/model/norm", h, _weight(get_weight, "norm.weight"), spec.rms_norm_eps,
+    x, _ = emit_norm(g, "/model/norm", h, required_weight(get_weight, "norm.weight"), spec.rms_norm_eps,
                      skip=pending, opts=opts)
-    if head_nodes is None:
+    fmt = recipe.format_for("lm_head.weight")
+    if head_nodes is None and opts.gemm_head and fmt is WeightFormat.FP32:
         src = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        head_nodes, inits = encode_linear(HEAD_PATH, _weight(get_weight, src), None, recipe,
-                                          recipe.format_for("lm_head.weight"), x, HEAD_OUT)
-        g.add_initializers(inits)
-    g.add_nodes(head_nodes)
-    out = HEAD_OUT
+        w = g.const("lm_head.weight", required_weight(get_weight, src))  # [vocab, hidden]
+        x2 = g.node("Reshape", [x, g.i64([-1, spec.hidden_size])], "/model/lm_head/Reshape")
+        y = g.node("Gemm", [x2, w], "/model/lm_head/Gemm", transB=1)  # [m, vocab]
+        out = g.node("Unsqueeze", [y, g.i64([0])], "/model/lm_head/Unsqueeze")
+    else:
+        if head_nodes is None:
+            src = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+            head_nodes, inits = encode_linear(HEAD_PATH, required_weight(get_weight, src), None, recipe,
+                                              fmt, x, HEAD_OUT)
+            g.add_initializers(inits)
+        g.add_nodes(head_nodes)
+        out = HEAD_OUT
     if spec.final_logit_softcap:
         c = float(spec.final_logit_softcap)
         t = g.node("Tanh", [g.node("Div", [out, g.f32(c)], "/model/softcap/Div")], "/model/softcap/Tanh")

@@ -166,6 +166,7 @@ def load_shard_graph(path: Path, symbolic_rows: frozenset[str] = frozenset()) ->
 # -- weights that can be read in row slices ---------------------------------------------------
 
 _ROW_SAFE_OPS = {"Unsqueeze", "Identity", "Div", "Mul", "Tanh", "Cast", "Add", "Sub"}
+_SHAPE_OPS = {"Unsqueeze", "Identity"}  # a tail of only these changes no value (a copy per pass saved)
 
 
 def _consumers(model, name: str) -> list:
@@ -241,6 +242,8 @@ def split_head(graph: ShardGraph) -> HeadSplit | None:
     if y_name not in outputs and not tail_nodes:
         return None
     keep = [n for n in g.node if n is not mm and n not in tail_nodes]
+    if tail_nodes and all(n.op_type in _SHAPE_OPS for n in tail_nodes) and len(g.output) == 1:
+        tail_nodes = []  # only a reshape to [1, m, vocab]: the runner's logits [m, vocab] are that
     keep.append(helper.make_node("Identity", [a_name], ["head_matmul_a"], name="n.head_matmul_a"))
     pre = onnx.ModelProto()
     pre.CopyFrom(model)

@@ -51,18 +51,28 @@ from .shard_io import (RowReader, StreamPart, StreamRing, WeightReader, aligned_
 @dataclass(frozen=True)
 class ShardPaths:
     embed: Path
-    layers: tuple[Path, ...]
+    layers: tuple[tuple[Path, ...], ...]  # per decoder layer, its shards in the order they run
     head: Path
 
     @classmethod
     def from_manifest(cls, root: str | os.PathLike, shards: Mapping[str, Any]) -> "ShardPaths":
-        """From a bundle root and its ``ModelEntry.shards`` ({"embed", "layers", "head"})."""
+        """From a bundle root and its ``ModelEntry.shards`` ({"embed", "layers", "head"}; an
+        entry of "layers" is one path, or a list of the paths of that layer's parts)."""
+        root = Path(root)
         try:
-            root = Path(root)
-            return cls(root / shards["embed"], tuple(root / p for p in shards["layers"]), root / shards["head"])
+            layers = tuple((root / p,) if isinstance(p, str) else tuple(root / q for q in p)
+                           for p in shards["layers"])
+            if any(not parts for parts in layers):
+                raise TypeError
+            return cls(root / shards["embed"], layers, root / shards["head"])
         except (KeyError, TypeError):
-            raise BundleError(f"{root}: manifest 'shards' must have 'embed', 'layers' and 'head', "
-                              f"got {shards!r}") from None
+            raise BundleError(f"{root}: manifest 'shards' must have 'embed', 'layers' (a path or a "
+                              f"list of paths per layer) and 'head', got {shards!r}") from None
+
+    @property
+    def layer_files(self) -> tuple[Path, ...]:
+        """Every layer shard, in pass order."""
+        return tuple(p for parts in self.layers for p in parts)
 
 
 @dataclass
@@ -87,7 +97,7 @@ def target_floor_bytes(shards: ShardPaths, spec: ModelSpec, budget: int, max_con
                        max_nodes: int) -> int:
     """The least a StreamingRunner needs besides the process: KV cache, per-pass buffers, the
     margin and one streaming buffer as large as the largest layer (from file sizes only)."""
-    largest = max((p.with_name(p.name + ".data").stat().st_size for p in shards.layers), default=0)
+    largest = max((p.with_name(p.name + ".data").stat().st_size for p in shards.layer_files), default=0)
     return (kv_bytes(spec, max_context) + activation_bytes(spec, max_nodes, max_context, spec.vocab_size)
             + safety_margin(budget) + largest)
 
@@ -137,7 +147,8 @@ class StreamingRunner(ModelRunner):
         gather_bytes = gather_cache_rows * self._row_bytes + max_nodes * (self._row_bytes + 2 * ALIGN)
         fixed = FixedCosts(baseline=(current_usage() if baseline is None else baseline) + reserve,
                            kv=kv_bytes(spec, self.max_context),
-                           activations=activation_bytes(spec, max_nodes, self.max_context, head_rows),
+                           activations=activation_bytes(spec, max_nodes, self.max_context, head_rows)
+                           + self._tail_bytes(max_nodes),
                            margin=safety_margin(self.budget.bytes))
         self.plan: OffloadPlan = plan_offload(parts, self.budget.bytes, fixed, priority, gather_bytes)
         self._load_weights()
@@ -158,7 +169,8 @@ class StreamingRunner(ModelRunner):
         self._split = split_head(head)
         self._chunk_w = self._split.weight if self._split else None
         self._embed, self._head = embed, head
-        self._layers = [load_shard_graph(p) for p in shards.layers]
+        # per layer its shard graphs (one, or its parts: export/onnx_shards.py ``split``)
+        self._layers = [[load_shard_graph(p) for p in parts] for parts in shards.layers]
         self._so = ort.SessionOptions()
         self._so.intra_op_num_threads = threads
         self._so.log_severity_level = 3
@@ -171,7 +183,7 @@ class StreamingRunner(ModelRunner):
         self._so.add_session_config_entry(*STOP_SPINNING)
         return_freed_memory()
         self._sessions: dict[str, ort.InferenceSession] = {}
-        for g in [embed] + self._layers + ([] if self._split else [head]):
+        for g in [embed] + [g for parts in self._layers for g in parts] + ([] if self._split else [head]):
             self._session(g.signature, g.model_bytes, g.path)
         if self._split is not None:
             self._pre = self._session("head.pre", self._split.pre, head.path)
@@ -189,15 +201,17 @@ class StreamingRunner(ModelRunner):
             t = next(r for r in embed.tensors if r.input_name == self._gather_w)
             self._row_bytes = t.length // t.shape[0]
         self._add(parts, StreamPart("embed", embed, *embed.span), "embed", gather=self._gather_w is not None)
-        for i, g in enumerate(self._layers):
-            self._add(parts, StreamPart(f"layer.{i}", g, *g.span), "layer")
+        for i, graphs in enumerate(self._layers):
+            for j, g in enumerate(graphs):
+                self._add(parts, StreamPart(self._part_name(i, j), g, *g.span), "layer")
         head_rows = spec.vocab_size
         if self._chunk_w is None:
             self._add(parts, StreamPart("head", head, *head.span), "head")
         else:
             t = next(r for r in head.tensors if r.input_name == self._chunk_w)
             rb = t.length // t.shape[0]
-            step = max(1, (head_chunk_bytes or max(g.nbytes for g in self._layers)) // rb)
+            largest = max(g.nbytes for graphs in self._layers for g in graphs)
+            step = max(1, (head_chunk_bytes or largest) // rb)
             if self._split.layout == "nk":
                 step = step // 64 * 64 if step > 64 else step  # whole column blocks of the output
                 head_rows = min(step, t.shape[0])
@@ -243,6 +257,14 @@ class StreamingRunner(ModelRunner):
                 raise BundleError(f"{path}: onnxruntime cannot load this shard "
                                   f"({' '.join(str(e).split())[:300]})") from None
         return self._sessions[key]
+
+    def _tail_bytes(self, nodes: int) -> int:
+        """A split head with a tail (e.g. a logit softcap) makes one more [nodes, vocab] array."""
+        return nodes * self.spec.vocab_size * 4 if self._split is not None and self._split.tail else 0
+
+    def _part_name(self, layer: int, j: int) -> str:
+        """``layer.{i}`` for a layer of one shard, ``layer.{i}.{j}`` for part j of a split one."""
+        return f"layer.{layer}" if len(self._layers[layer]) == 1 else f"layer.{layer}.{j}"
 
     def _add(self, parts: list[Part], p: StreamPart, kind: str, gather: bool = False) -> None:
         """Register ``p``; its data file must exist now (its size is the one later reads expect)."""
@@ -322,20 +344,22 @@ class StreamingRunner(ModelRunner):
         try:
             acts: dict[str, np.ndarray] = {}
             self._forward_embed(ids, std, acts, st)
-            for i, g in enumerate(self._layers):
-                w = self._weights(f"layer.{i}", st)
-                feeds = self._feeds(g, std, acts, w, self.cache.keys[i], self.cache.values[i])
-                t0 = time.perf_counter()
-                outs = self._run(g, feeds, st)
-                self.trace.append(("compute", f"layer.{i}", t0, time.perf_counter()))
-                self._release(f"layer.{i}")
-                for name, val in zip(g.outputs, outs):
-                    if name == "present_key":
-                        self.cache.keys[i][:, :, L + s:L + s + n] = val
-                    elif name == "present_value":
-                        self.cache.values[i][:, :, L + s:L + s + n] = val
-                    else:
-                        _store(acts, name, val)
+            for i, graphs in enumerate(self._layers):
+                for j, g in enumerate(graphs):
+                    part = self._part_name(i, j)
+                    w = self._weights(part, st)
+                    feeds = self._feeds(g, std, acts, w, self.cache.keys[i], self.cache.values[i])
+                    t0 = time.perf_counter()
+                    outs = self._run(g, feeds, st)
+                    self.trace.append(("compute", part, t0, time.perf_counter()))
+                    self._release(part)
+                    for name, val in zip(g.outputs, outs):
+                        if name == "present_key":
+                            self.cache.keys[i][:, :, L + s:L + s + n] = val
+                        elif name == "present_value":
+                            self.cache.values[i][:, :, L + s:L + s + n] = val
+                        else:
+                            _store(acts, name, val)
             logits = self._forward_head(std, acts, std["logits_index"], st)
         except BaseException:
             if self._ring is not None:
