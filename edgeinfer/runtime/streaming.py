@@ -113,12 +113,15 @@ class StreamingRunner(ModelRunner):
     catches files rewritten, replaced, truncated or removed mid-generation); "crc32" also
     compares a CRC-32 of every streamed read with one taken at load (catches in-place bit
     flips too; measured: plain streaming at a 2x cap 4.1 -> 2.5 tokens/s on 2 cores).
-    Raises MemoryBudgetError before reading any weight if the budget is too small."""
+    ``gather_cache_rows``: embedding rows kept after a streamed embedding's row reads (a miss
+    is one O_DIRECT read of a few KiB; 256 rows of SmolLM2 are 0.6 MiB, 1024 were 2.3 MiB of a
+    budget where the prefetch buffer needs 3.4). Raises MemoryBudgetError before reading any
+    weight if the budget is too small."""
 
     def __init__(self, shards: ShardPaths, spec: ModelSpec, budget: int | str | None = None, *,
                  max_context: int | None = None, threads: int = 0, max_nodes: int = 64,
                  reserve: int = 0, priority: Sequence[str] | None = None, verify: str = "stat",
-                 direct_io: bool = True, head_chunk_bytes: int | None = None, gather_cache_rows: int = 1024,
+                 direct_io: bool = True, head_chunk_bytes: int | None = None, gather_cache_rows: int = 256,
                  kv_block: int = 64, baseline: int | None = None, prefetch: bool | None = None,
                  name: str = "target") -> None:
         self.spec, self.name = spec, name
