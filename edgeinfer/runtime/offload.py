@@ -185,10 +185,13 @@ def plan_offload(parts: Sequence[Part], budget: int, fixed: FixedCosts,
 
 def safety_margin(budget: int) -> int:
     """Bytes of a budget left unplanned for what no estimate covers (allocator slack, Python
-    objects, the kernel reclaiming page cache under the cap more slowly than a pass allocates).
-    Measured: with 3.3 MiB of a 128 MiB cap, two of three runs with a busy second core were
-    OOM-killed (none on an idle machine); this gives 7.3 MiB there, 8.6 MiB at 257 MiB."""
-    return min(16 * 2**20, 6 * 2**20 + budget // 100)
+    objects, the kernel reclaiming page cache under the cap more slowly than a pass allocates,
+    code and library pages first touched after loading). Measured: with 3.3 MiB of a 128 MiB
+    cap, two of three runs with a busy second core were OOM-killed (none on an idle machine);
+    with 7.3 MiB, once the head's buffers were counted exactly, a 49-node Token Recycling tree
+    run at 128 MiB thrashed (the kernel evicting the process's own code pages; no OOM kill).
+    This gives 9.3 MiB there, 10.6 MiB at 257 MiB."""
+    return min(16 * 2**20, 8 * 2**20 + budget // 100)
 
 
 def kv_bytes(spec: ModelSpec, max_context: int, itemsize: int = 4) -> int:
