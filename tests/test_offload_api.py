@@ -90,3 +90,20 @@ def test_manifest_shard_layers_must_be_paths(tmp_path):
     ok = ShardPaths.from_manifest(tmp_path, {"embed": "e", "head": "h", "layers": ["a", ["b", "c"]]})
     assert ok.layers == ((tmp_path / "a",), (tmp_path / "b", tmp_path / "c"))
     assert ok.layer_files == (tmp_path / "a", tmp_path / "b", tmp_path / "c")
+
+
+def test_cli_run_with_a_memory_budget_prints_the_plan(sharded, capsys):
+    """`edgeinfer run --memory-budget ... --stats`: the plan, what stays resident (in layers
+    and parts), the per-pass I/O split; the tokens are the in-memory target's."""
+    import json
+
+    from edgeinfer.cli import main
+
+    ref = edgeinfer.load(sharded).generate("the quick brown fox", max_new_tokens=6, mode="plain")
+    assert main(["run", str(sharded), "the quick brown fox", "--memory-budget", "2GB", "--max-new-tokens", "6",
+                 "--mode", "plain", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "memory budget 1907 MiB" in err and "resident: embed, layers 0-" in err and "per pass" in err
+    assert main(["run", str(sharded), "the quick brown fox", "--raw", "--memory-budget", "2GB",
+                 "--max-new-tokens", "6", "--mode", "plain", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == list(ref.tokens)

@@ -352,3 +352,17 @@ def test_head_slices_and_the_logits_buffers_the_plan_counts(tmp_path):
         ref = raw_logits(__import__("onnxruntime").InferenceSession(str(full)), spec, [3, 1, 4, 1, 5])
         np.testing.assert_allclose(r.forward([3, 1, 4, 1, 5]), ref, rtol=1e-4, atol=1e-4)
         r.close()
+
+
+def test_describe_parts_names_layers_and_parts(tmp_path):
+    spec = tiny_spec(layers=6)
+    _, shards = _build(tmp_path, spec, split="matrix")
+    r = runner(spec, shards)
+    heads = list(r._head_parts)
+    names = (["embed"] + [f"layer.{i}.{j}" for i in (0, 1, 2, 4) for j in range(4)]
+             + ["layer.5.0", "layer.5.2"] + heads[:1])
+    assert r.describe_parts(names) == (f"embed, layers 0-2, layer 4, layer 5 (2 of 4 parts), "
+                                       f"head{'' if len(heads) == 1 else f' (1 of {len(heads)} slices)'}")
+    assert r.describe_parts(r.plan.resident).startswith("embed, layers 0-5")  # all resident here
+    assert r.describe_parts([]) == ""
+    r.close()

@@ -87,7 +87,7 @@ def format_offload(engine) -> str:
     mib = 2 ** 20
     lines = [f"memory budget {rep['budget'] / mib:.0f} MiB ({rep['budget_source']}), planned peak "
              f"{rep['planned_peak'] / mib:.0f} MiB, usage now {rep['usage_now'] / mib:.0f} MiB",
-             f"resident: {', '.join(rep['resident']) or 'none'}; streamed "
+             f"resident: {target.describe_parts(rep['resident']) or 'none'}; streamed "
              f"{rep['streamed_bytes_per_pass'] / mib:.0f} MiB per pass"]
     passes = getattr(target, "passes", [])[1:]  # the first pass is the prefill
     if passes:

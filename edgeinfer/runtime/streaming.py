@@ -480,6 +480,39 @@ class StreamingRunner(ModelRunner):
             return float(t.mean()), 0.0  # fall back to the size-independent model
         return fixed, slope
 
+    def describe_parts(self, names: Sequence[str]) -> str:
+        """Part names in words: runs of whole layers as ranges, split layers with some of their
+        parts counted, e.g. ``"embed, layers 0-11, layer 12 (2 of 4 parts), head"``."""
+        names = list(names)
+        counts: dict[int, int] = {}
+        for n in names:
+            if n.startswith("layer."):
+                i = int(n.split(".")[1])
+                counts[i] = counts.get(i, 0) + 1
+        out = ["embed"] if "embed" in names else []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                out.append(f"layer {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}")
+                run.clear()
+
+        for i in sorted(counts):
+            total = len(self._layers[i])
+            whole = counts[i] == total
+            if not (whole and run and run[-1] == i - 1):
+                flush()
+            if whole:
+                run.append(i)
+            else:
+                out.append(f"layer {i} ({counts[i]} of {total} parts)")
+        flush()
+        heads = sum(1 for n in names if n == "head" or n.startswith("head."))
+        if heads:
+            total = len(self._head_parts)
+            out.append("head" if heads == total else f"head ({heads} of {total} slices)")
+        return ", ".join(out)
+
     def memory_report(self) -> dict[str, Any]:
         """Budget, planned breakdown, resident parts and the usage now (bytes)."""
         return {"budget": self.budget.bytes, "budget_source": self.budget.source,
