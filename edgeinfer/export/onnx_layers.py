@@ -197,12 +197,12 @@ def emit_mlp_activation(g: GraphBuilder, spec: ModelSpec, p: str, gate: str) -> 
     raise CheckpointError(f"activation {spec.activation!r} is not supported")
 
 
-def emit_layer(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, recipe: QuantRecipe,
-               h: str, pending: str | None, io: AttentionInputs, past_k: str, past_v: str,
-               opts: GraphOptions) -> tuple[str, str, str, str]:
-    """One decoder layer. The residual stream is ``h + pending`` (``pending`` is the last
-    branch output, not yet added, so the add can fuse into the next norm). Returns
-    (h, pending, present_key, present_value)."""
+def emit_attention_block(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight,
+                         recipe: QuantRecipe, h: str, pending: str | None, io: AttentionInputs,
+                         past_k: str, past_v: str, opts: GraphOptions) -> tuple[str, str, str, str]:
+    """The first half of decoder layer ``i``: the input norm of ``h + pending``, attention, the
+    pre-MLP norm. Returns (x: the MLP's normed input, h: the residual stream after attention,
+    present_key, present_value)."""
     p, pre, eps = f"/model/layers.{i}", f"layers.{i}.", spec.rms_norm_eps
     x, h = emit_norm(g, f"{p}/input_norm", h, required_weight(get_weight, pre + "input_norm.weight"), eps,
                      skip=pending, opts=opts)
@@ -211,10 +211,26 @@ def emit_layer(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, 
         a, _ = emit_norm(g, f"{p}/post_attn_norm", a, required_weight(get_weight, pre + "post_attn_norm.weight"), eps)
     x, h = emit_norm(g, f"{p}/pre_mlp_norm", h, required_weight(get_weight, pre + "pre_mlp_norm.weight"), eps,
                      skip=a, opts=opts)
-    m = emit_mlp(g, spec, i, get_weight, recipe, x, opts)
+    return x, h, pk, pv
+
+
+def emit_mlp_output(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, m: str) -> str:
+    """The MLP branch's output as added to the residual stream (post-MLP norm if sandwiched)."""
     if spec.sandwich_norm:
-        m, _ = emit_norm(g, f"{p}/post_mlp_norm", m, required_weight(get_weight, pre + "post_mlp_norm.weight"), eps)
-    return h, m, pk, pv
+        m, _ = emit_norm(g, f"/model/layers.{i}/post_mlp_norm", m,
+                         required_weight(get_weight, f"layers.{i}.post_mlp_norm.weight"), spec.rms_norm_eps)
+    return m
+
+
+def emit_layer(g: GraphBuilder, spec: ModelSpec, i: int, get_weight: GetWeight, recipe: QuantRecipe,
+               h: str, pending: str | None, io: AttentionInputs, past_k: str, past_v: str,
+               opts: GraphOptions) -> tuple[str, str, str, str]:
+    """One decoder layer. The residual stream is ``h + pending`` (``pending`` is the last
+    branch output, not yet added, so the add can fuse into the next norm). Returns
+    (h, pending, present_key, present_value)."""
+    x, h, pk, pv = emit_attention_block(g, spec, i, get_weight, recipe, h, pending, io, past_k, past_v, opts)
+    m = emit_mlp(g, spec, i, get_weight, recipe, x, opts)
+    return h, emit_mlp_output(g, spec, i, get_weight, m), pk, pv
 
 
 def emit_head(g: GraphBuilder, spec: ModelSpec, get_weight: GetWeight, recipe: QuantRecipe,

@@ -44,8 +44,8 @@ from .onnx_attention import emit_attention_inputs
 from .onnx_builder import (OnnxBuildInfo, add_kv_io, add_position_inputs, add_present_outputs,
                            finish, resolve_options)
 from .onnx_graph import ExternalDataWriter, GraphBuilder
-from .onnx_layers import (GetWeight, GraphOptions, emit_attention, emit_embedding, emit_head, emit_layer,
-                          emit_linear, emit_mlp, emit_mlp_activation, emit_norm, required_weight)
+from .onnx_layers import (GetWeight, GraphOptions, emit_attention_block, emit_embedding, emit_head, emit_layer,
+                          emit_linear, emit_mlp, emit_mlp_activation, emit_mlp_output)
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"
 MLP_X, RESIDUAL = "mlp_x", "residual"  # values passed between the shards of one layer
@@ -123,20 +123,13 @@ def build_layer_shards(spec: ModelSpec, get_weight: GetWeight, recipe: QuantReci
 
     def attention_block(i: int) -> Callable[[GraphBuilder], None]:
         def emit(g: GraphBuilder) -> None:
-            p, pre, eps = f"/model/layers.{i}", f"layers.{i}.", spec.rms_norm_eps
             h = g.input(HIDDEN_IN, FLOAT, [1, "n", spec.hidden_size])
             sliding = spec.layer_type(i) == "sliding"
             pos, mf, ms = add_position_inputs(g, spec, sliding=sliding, full=not sliding)
             io = emit_attention_inputs(g, spec, range(i, i + 1), options.attention, pos, mf, ms)
             pk_in, pv_in = add_kv_io(g, spec, i)
-            x, h = emit_norm(g, f"{p}/input_norm", h, required_weight(get_weight, pre + "input_norm.weight"),
-                             eps, opts=options)
-            a, pk, pv = emit_attention(g, spec, i, get_weight, recipe, x, io, pk_in, pv_in, options)
-            if spec.sandwich_norm:
-                a, _ = emit_norm(g, f"{p}/post_attn_norm", a,
-                                 required_weight(get_weight, pre + "post_attn_norm.weight"), eps)
-            x, h = emit_norm(g, f"{p}/pre_mlp_norm", h, required_weight(get_weight, pre + "pre_mlp_norm.weight"),
-                             eps, skip=a, opts=options)
+            x, h, pk, pv = emit_attention_block(g, spec, i, get_weight, recipe, h, None, io, pk_in, pv_in,
+                                                options)
             g.output(x, MLP_X + "_out", FLOAT, [1, "n", spec.hidden_size])
             g.output(h, RESIDUAL + "_out", FLOAT, [1, "n", spec.hidden_size])
             add_present_outputs(g, spec, i, pk, pv)
@@ -144,9 +137,7 @@ def build_layer_shards(spec: ModelSpec, get_weight: GetWeight, recipe: QuantReci
 
     def finish_layer(g: GraphBuilder, i: int, m: str) -> None:
         """``hidden_out = residual_in + m`` (after the post-MLP norm of sandwich-norm models)."""
-        if spec.sandwich_norm:
-            m, _ = emit_norm(g, f"/model/layers.{i}/post_mlp_norm", m,
-                             required_weight(get_weight, f"layers.{i}.post_mlp_norm.weight"), spec.rms_norm_eps)
+        m = emit_mlp_output(g, spec, i, get_weight, m)
         h = g.input(RESIDUAL + "_in", FLOAT, [1, "n", spec.hidden_size])
         g.output(g.node("Add", [h, m], f"/model/layers.{i}/residual/Add"), HIDDEN_OUT, FLOAT,
                  [1, "n", spec.hidden_size])

@@ -2,9 +2,10 @@
 
 It has ModelRunner's interface (``forward`` / ``commit`` / ``discard`` / ``truncate``, with the
 tree and scratch semantics inherited from it), so the engine, the verifier and the compute-IO
-pipeline use it unchanged. One ``forward`` runs the embed shard, each decoder layer's shard and
-the head shard in turn (export/onnx_shards.py: ``hidden_out`` of one feeds ``hidden_in`` of the
-next); the planner (offload.py) decides which parts stay resident; the others are read by a
+pipeline use it unchanged. One ``forward`` runs the embed shard, each decoder layer's shard (or
+the shards of its parts, ``layer.{i}.{j}``) and the head shard in turn (export/onnx_shards.py:
+an output ``x_out`` feeds the later shards' input ``x_in``); the planner (offload.py) decides
+which parts stay resident; the others are read by a
 background thread into a ring of buffers (shard_io.py) in pass order, so part i+1 loads while
 part i computes, and the first parts of the next pass load while the draft drafts.
 
