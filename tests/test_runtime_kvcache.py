@@ -116,7 +116,7 @@ def test_first_tokens_do_not_make_the_whole_cache_resident():
     NumPy asks for) 40 tokens made 178 of SmolLM2's 188 MB resident at 4096 tokens."""
     from pathlib import Path
 
-    from edgeinfer.runtime import memory
+    from test_memory import resident_bytes
 
     try:
         if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
@@ -126,8 +126,6 @@ def test_first_tokens_do_not_make_the_whole_cache_resident():
     c = KVCache(30, 3, 64, 4096)
     c.ensure(40)
     c._all[:, :, :40] = 1.0
-    lo = c._buf.ctypes.data
-    hi = lo + c._buf.nbytes
-    resident = sum(f.get("Rss", 0) * 1024 for a, b, _, f in memory._smaps() if a < hi and b > lo)
+    resident = resident_bytes(c._buf.ctypes.data, c._buf.ctypes.data + c._buf.nbytes)
     assert resident < 8 << 20, resident  # 60 rows x 48 KiB touched, ~3 MB
     assert c.nbytes_used() == 0 and float(c._all[:, :, :40].sum()) == 60 * 3 * 40 * 64
