@@ -29,6 +29,9 @@ class ModelInfo:
     # ONNX graphs: "in place" (GroupQueryAttention writes into the runtime's cache, bundle.py
     # KV_LAYOUT_KEY) or "new nodes" (presents hold only the new nodes' K/V); "" for other files
     kv_layout: str = ""
+    # per-layer shards for offloading: layers, shards per layer, the largest shard's data bytes
+    # (what a streaming pool must hold at once); None without shards
+    shards: dict[str, int] | None = None
     files: dict[str, int] = field(default_factory=dict)  # path -> bytes on disk
     tensors: list[TensorInfo] = field(default_factory=list)
 
@@ -77,6 +80,8 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
         info = ModelInfo(role, spec.arch, spec.num_parameters(), spec.num_layers, spec.hidden_size,
                          spec.vocab_size, quant=quant)
         info.files = {f.path: f.bytes for f in manifest.files if f.path.startswith(role + "/")}
+        if entry.shards:
+            info.shards = _shard_layout(entry.shards, info.files)
         if entry.onnx and (path / entry.onnx).is_file():
             import onnx
 
@@ -86,6 +91,15 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
                 info.tensors = _onnx_initializers(graph)
         models.append(info)
     return InspectReport(path, "bundle", models)
+
+
+def _shard_layout(shards: dict[str, Any], files: dict[str, int]) -> dict[str, int]:
+    """Layers, shards per layer (the most any layer has) and the largest layer shard's data
+    file, from the manifest's ``shards`` and file sizes."""
+    layers = [[p] if isinstance(p, str) else list(p) for p in shards.get("layers") or []]
+    sizes = [files.get(p + ".data", 0) for parts in layers for p in parts]
+    return {"layers": len(layers), "shards_per_layer": max((len(x) for x in layers), default=0),
+            "largest_shard_bytes": max(sizes, default=0)}
 
 
 def _onnx_kv_layout(model: Any) -> str:
@@ -132,7 +146,8 @@ def report_to_json(report: InspectReport) -> str:
         "models": [{
             "role": m.role, "arch": m.arch, "num_parameters": m.num_parameters,
             "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-            "quant": m.quant, "kv_layout": m.kv_layout, "bytes_on_disk": m.bytes_on_disk, "files": m.files,
+            "quant": m.quant, "kv_layout": m.kv_layout, "shards": m.shards, "bytes_on_disk": m.bytes_on_disk,
+            "files": m.files,
             "tensors": [{"name": t.name, "format": t.format, "shape": list(t.shape), "bytes": t.bytes}
                         for t in m.tensors],
         } for m in report.models],

@@ -107,3 +107,19 @@ def test_cli_run_with_a_memory_budget_prints_the_plan(sharded, capsys):
     assert main(["run", str(sharded), "the quick brown fox", "--raw", "--memory-budget", "2GB",
                  "--max-new-tokens", "6", "--mode", "plain", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == list(ref.tokens)
+
+
+def test_inspect_names_the_shard_layout(sharded, capsys):
+    import json
+
+    from edgeinfer.cli import main
+
+    assert main(["inspect", str(sharded), "--json"]) == 0
+    target = next(m for m in json.loads(capsys.readouterr().out)["models"] if m["role"] == "target")
+    layers = [k for k in target["files"] if k.startswith("target/layers/layer_") and k.endswith(".onnx.data")]
+    assert target["shards"] == {"layers": 2, "shards_per_layer": 4,
+                                "largest_shard_bytes": max(target["files"][k] for k in layers)}
+    assert main(["inspect", str(sharded)]) == 0
+    out = capsys.readouterr().out
+    assert "shards for offloading: 2 layers x 4 shard(s)" in out and "target/layers/ (" in out
+    assert "layer_000_gate.onnx" not in out  # shard files summed up in one line

@@ -143,8 +143,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"hidden {m.hidden_size}, vocab {m.vocab_size}, weights {m.quant}, "
               f"{_human_bytes(m.bytes_on_disk)} on disk"
               + (f", KV cache written {m.kv_layout}" if m.kv_layout == "in place" else ""))
+        if m.shards:
+            print(f"    shards for offloading: {m.shards['layers']} layers x {m.shards['shards_per_layer']} "
+                  f"shard(s), the largest {_human_bytes(m.shards['largest_shard_bytes'])}")
+        shard_dir = f"{m.role}/layers/"
+        in_dir = {p: b for p, b in m.files.items() if p.startswith(shard_dir)}
         for path, size in sorted(m.files.items()):
-            print(f"    {path:40s} {_human_bytes(size):>10s}")
+            if path not in in_dir:
+                print(f"    {path:40s} {_human_bytes(size):>10s}")
+        if in_dir:  # the shard files, one line (--json lists each)
+            print(f"    {shard_dir + f' ({len(in_dir)} files)':40s} {_human_bytes(sum(in_dir.values())):>10s}")
         if args.tensors:
             for t in m.tensors:
                 print(f"    {t.name:50s} {t.format:22s} {str(list(t.shape)):18s} {_human_bytes(t.bytes):>10s}")
