@@ -272,3 +272,18 @@ def test_release_clean_file_pages_keeps_contents_and_written_mappings(tmp_path):
         assert m2[:4] == b"\0\0\0\0" and m2[4:] == data[4:]  # the private copy survived
         m1.close()
         m2.close()
+
+
+def test_lazy_zeros_is_a_writable_zero_array(monkeypatch):
+    import mmap
+
+    import numpy as np
+
+    a = memory.lazy_zeros((3, 5), np.float32)
+    assert a.shape == (3, 5) and a.dtype == np.float32 and a.flags.writeable and not a.any()
+    a[1, 2] = 7.0
+    assert float(a.sum()) == 7.0
+    monkeypatch.delattr(mmap, "MAP_PRIVATE")  # as on Windows
+    b = memory.lazy_zeros((4,), np.int64)
+    assert isinstance(b.base, type(None)) or not isinstance(b.base, mmap.mmap)
+    assert b.tolist() == [0, 0, 0, 0]

@@ -129,3 +129,36 @@ def test_first_tokens_do_not_make_the_whole_cache_resident():
     resident = resident_bytes(c._buf.ctypes.data, c._buf.ctypes.data + c._buf.nbytes)
     assert resident < 8 << 20, resident  # 60 rows x 48 KiB touched, ~3 MB
     assert c.nbytes_used() == 0 and float(c._all[:, :, :40].sum()) == 60 * 3 * 40 * 64
+
+
+def test_cache_pages_stay_lazy_when_malloc_serves_from_the_heap(tmp_path):
+    """np.zeros of a large buffer is cleared up front when glibc takes it from a heap that held
+    freed memory (a process with many mappings; here malloc is told never to map): the cache
+    has a mapping of its own, so 40 tokens still leave it almost all unresident."""
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt")
+    script = tmp_path / "heap.py"
+    script.write_text(
+        "import ctypes, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import numpy as np\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mallopt(-4, 0)\n"  # M_MMAP_MAX = 0
+        "libc.mallopt(-1, 1 << 30)\n"  # M_TRIM_THRESHOLD: freed heap stays
+        "junk = np.ones(30 << 20, np.float64); del junk\n"
+        "from edgeinfer.runtime.kvcache import KVCache\n"
+        "from test_memory import resident_bytes\n"
+        "c = KVCache(30, 3, 64, 4096); c.ensure(40); c._all[:, :, :40] = 1.0\n"
+        "control = np.zeros(c._buf.shape, np.float32); control[:, 0] = 1.0\n"
+        "span = lambda a: (a.ctypes.data, a.ctypes.data + a.nbytes)\n"
+        "print(resident_bytes(*span(c._buf)), resident_bytes(*span(control)))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cache, control = map(int, out.stdout.split())
+    assert control > 100 << 20  # the condition really arose: np.zeros was cleared whole
+    assert cache < 8 << 20, cache

@@ -2,8 +2,8 @@
 
 Layout (chosen by measurement, see session.py): one float buffer of ``2 * layers`` rows (K and
 V of each layer, the order of the graph's present outputs) of ``kv_heads * max_context *
-head_dim`` elements, allocated with np.zeros (pages are only touched as the cache fills: the
-buffer is advised against transparent huge pages, memory.avoid_huge_pages). The
+head_dim`` elements, zeros whose pages become resident only as the cache fills
+(memory.lazy_zeros: a mapping of its own, advised against transparent huge pages). The
 first ``kv_heads * capacity * head_dim`` elements of a row are viewed as a C-contiguous
 ``[1, kv_heads, capacity, head_dim]`` array that is fed to the graph as ``past_key.{i}`` /
 ``past_value.{i}`` *without a copy*; one NumPy operation writes or gathers all layers.
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .memory import avoid_huge_pages
+from .memory import lazy_zeros
 
 
 class KVCache:
@@ -34,8 +34,9 @@ class KVCache:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_context, self.block = max_context, block
         # Row 2i: layer i's K, row 2i+1: its V.
-        self._buf = np.zeros((2 * num_layers, kv_heads * max_context * head_dim), dtype=dtype)
-        avoid_huge_pages(self._buf)  # else each row's first token makes 2 MiB of it resident
+        # zeros whose pages become resident only as the cache fills (memory.lazy_zeros: its own
+        # mapping, no huge pages: else each row's first token made 2 MiB of it resident)
+        self._buf = lazy_zeros((2 * num_layers, kv_heads * max_context * head_dim), dtype)
         self.length = 0  # committed tokens
         self.capacity = 0
         self.keys: list[np.ndarray] = []  # per layer [1, kv_heads, capacity, head_dim] views

@@ -276,6 +276,29 @@ def avoid_huge_pages(buffer: Any) -> bool:
     return _madvise(addr, addr + buffer.nbytes, _MADV_NOHUGEPAGE)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A zero-filled NumPy array whose pages become resident only as they are written: its own
+    private anonymous mapping (fresh pages read as zeros; nothing is cleared up front), advised
+    against transparent huge pages (:func:`avoid_huge_pages`). ``np.zeros`` promises no such
+    thing: glibc's calloc clears a block it takes from the heap (when a process already holds
+    many mappings, or malloc is set never to map), which made a whole KV cache resident at
+    once (measured: 179 of 188 MiB). Falls back to ``np.zeros`` where anonymous private
+    mappings are not available (Windows, which has no huge pages to avoid either)."""
+    import mmap
+
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    if flags is None or nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    m = mmap.mmap(-1, nbytes, flags=flags | getattr(mmap, "MAP_ANONYMOUS", 0))
+    arr = np.frombuffer(m, dtype=dtype).reshape(shape)  # keeps the mapping alive
+    avoid_huge_pages(arr)
+    return arr
+
+
 def _smaps(path: str | os.PathLike = "/proc/self/smaps") -> list[tuple[int, int, str, dict[str, int]]]:
     """(start, end, mapped file, {field: kB}) per mapping of this process; [] off Linux."""
     out: list[tuple[int, int, str, dict[str, int]]] = []
