@@ -107,13 +107,18 @@ def build_layer_shards(spec: ModelSpec, get_weight: GetWeight, recipe: QuantReci
         h, _ = emit_embedding(g, spec, get_weight, recipe, ids, tie_head=False)
         g.output(h, HIDDEN_OUT, FLOAT, [1, "n", spec.hidden_size])
 
+    def layer_inputs(g: GraphBuilder, i: int) -> tuple[str, Any, str, str]:
+        """hidden_in, the positions and mask layer i attends with, its past K/V inputs."""
+        h = g.input(HIDDEN_IN, FLOAT, [1, "n", spec.hidden_size])
+        sliding = spec.layer_type(i) == "sliding"
+        pos, mf, ms = add_position_inputs(g, spec, sliding=sliding, full=not sliding)
+        io = emit_attention_inputs(g, spec, range(i, i + 1), options.attention, pos, mf, ms)
+        pk_in, pv_in = add_kv_io(g, spec, i)
+        return h, io, pk_in, pv_in
+
     def layer(i: int) -> Callable[[GraphBuilder], None]:
         def emit(g: GraphBuilder) -> None:
-            h = g.input(HIDDEN_IN, FLOAT, [1, "n", spec.hidden_size])
-            sliding = spec.layer_type(i) == "sliding"
-            pos, mf, ms = add_position_inputs(g, spec, sliding=sliding, full=not sliding)
-            io = emit_attention_inputs(g, spec, range(i, i + 1), options.attention, pos, mf, ms)
-            pk_in, pv_in = add_kv_io(g, spec, i)
+            h, io, pk_in, pv_in = layer_inputs(g, i)
             h, pending, pk, pv = emit_layer(g, spec, i, get_weight, recipe, h, None, io,
                                             pk_in, pv_in, options)
             h = g.node("Add", [h, pending], f"/model/layers.{i}/residual/Add")
@@ -123,11 +128,7 @@ def build_layer_shards(spec: ModelSpec, get_weight: GetWeight, recipe: QuantReci
 
     def attention_block(i: int) -> Callable[[GraphBuilder], None]:
         def emit(g: GraphBuilder) -> None:
-            h = g.input(HIDDEN_IN, FLOAT, [1, "n", spec.hidden_size])
-            sliding = spec.layer_type(i) == "sliding"
-            pos, mf, ms = add_position_inputs(g, spec, sliding=sliding, full=not sliding)
-            io = emit_attention_inputs(g, spec, range(i, i + 1), options.attention, pos, mf, ms)
-            pk_in, pv_in = add_kv_io(g, spec, i)
+            h, io, pk_in, pv_in = layer_inputs(g, i)
             x, h, pk, pv = emit_attention_block(g, spec, i, get_weight, recipe, h, None, io, pk_in, pv_in,
                                                 options)
             g.output(x, MLP_X + "_out", FLOAT, [1, "n", spec.hidden_size])

@@ -175,6 +175,9 @@ class StreamingRunner(ModelRunner):
         self._embed, self._head = embed, head
         # per layer its shard graphs (one, or its parts: export/onnx_shards.py ``split``)
         self._layers = [[load_shard_graph(p) for p in parts] for parts in shards.layers]
+        # planner part names: layer.{i} for a layer of one shard, layer.{i}.{j} for its parts
+        self._part_names = [[f"layer.{i}"] if len(parts) == 1 else [f"layer.{i}.{j}" for j in range(len(parts))]
+                            for i, parts in enumerate(self._layers)]
         self._so = ort.SessionOptions()
         self._so.intra_op_num_threads = threads
         self._so.log_severity_level = 3
@@ -205,9 +208,9 @@ class StreamingRunner(ModelRunner):
             t = next(r for r in embed.tensors if r.input_name == self._gather_w)
             self._row_bytes = t.length // t.shape[0]
         self._add(parts, StreamPart("embed", embed, *embed.span), "embed", gather=self._gather_w is not None)
-        for i, graphs in enumerate(self._layers):
-            for j, g in enumerate(graphs):
-                self._add(parts, StreamPart(self._part_name(i, j), g, *g.span), "layer")
+        for graphs, names in zip(self._layers, self._part_names):
+            for g, name in zip(graphs, names):
+                self._add(parts, StreamPart(name, g, *g.span), "layer")
         head_rows = spec.vocab_size
         if self._chunk_w is None:
             self._add(parts, StreamPart("head", head, *head.span), "head")
@@ -265,10 +268,6 @@ class StreamingRunner(ModelRunner):
     def _tail_bytes(self, nodes: int) -> int:
         """A split head with a tail (e.g. a logit softcap) makes one more [nodes, vocab] array."""
         return nodes * self.spec.vocab_size * 4 if self._split is not None and self._split.tail else 0
-
-    def _part_name(self, layer: int, j: int) -> str:
-        """``layer.{i}`` for a layer of one shard, ``layer.{i}.{j}`` for part j of a split one."""
-        return f"layer.{layer}" if len(self._layers[layer]) == 1 else f"layer.{layer}.{j}"
 
     def _add(self, parts: list[Part], p: StreamPart, kind: str, gather: bool = False) -> None:
         """Register ``p``; its data file must exist now (its size is the one later reads expect)."""
@@ -349,8 +348,7 @@ class StreamingRunner(ModelRunner):
             acts: dict[str, np.ndarray] = {}
             self._forward_embed(ids, std, acts, st)
             for i, graphs in enumerate(self._layers):
-                for j, g in enumerate(graphs):
-                    part = self._part_name(i, j)
+                for g, part in zip(graphs, self._part_names[i]):
                     w = self._weights(part, st)
                     feeds = self._feeds(g, std, acts, w, self.cache.keys[i], self.cache.values[i])
                     t0 = time.perf_counter()
