@@ -37,7 +37,8 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     "qnn", "nnapi", "coreml", "xnnpack", "dml", "cuda", "cpu"); CPU is always the last resort.
     ``option_overrides``: any :class:`EngineOptions` field (draft_providers, threads,
     draft_threads, inter_op_threads, graph_optimization, max_context, kv_block,
-    verify_checksums, pipeline, pipeline_max_ahead, memory_budget, offload_tree_nodes). With
+    verify_checksums, pipeline, pipeline_max_ahead, draft_lookahead, memory_budget,
+    offload_tree_nodes). With
     ``memory_budget`` the target streams its layers from the bundle's shards. ``drafters``: the default drafter names for speculative modes
     (default: "model" when the bundle has a draft model, otherwise plain decoding).
     """
@@ -73,6 +74,7 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
         if draft_entry.spec.vocab_size != spec.vocab_size:
             raise BundleError(f"{root}: draft vocab_size {draft_entry.spec.vocab_size} differs from the "
                               f"target's {spec.vocab_size}")
+        from .runtime.drafters.lookahead import make_lookahead
         from .runtime.drafters.model import ModelDrafter
 
         threads = _draft_threads(opts, beside_target=opts.pipeline)
@@ -81,7 +83,7 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
                             max_context=min(max_context, draft_entry.spec.max_position),
                             settings=_settings(opts, threads), kv_block=opts.kv_block, name="draft")
         draft_runners["draft"] = draft
-        available["model"] = ModelDrafter(draft)
+        available["model"] = ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead))
     from .runtime.drafters.ngram import NgramDrafter
     from .runtime.drafters.recycle import RecyclingDrafter
 

@@ -85,3 +85,14 @@ def test_run_draft_threads_flag(bundle, capsys):
     assert main(["run", str(bundle), "hi", "--draft-threads", "-1"]) == 1
     err = capsys.readouterr().err
     assert "draft_threads" in err and "Traceback" not in err
+
+
+def test_run_draft_lookahead_flag(bundle, capsys):
+    base = ["the quick brown fox the quick brown fox the quick", "--raw", "--max-new-tokens", "12",
+            "--mode", "tree", "--drafter", "model"]
+    off = run_json(capsys, str(bundle), *base)
+    on = run_json(capsys, str(bundle), *base, "--draft-lookahead", "2")
+    assert on["tokens"] == off["tokens"] and on["stats"]["verifications"] > 0
+    assert main(["run", str(bundle), "hi", "--draft-lookahead", "-2"]) == 1
+    err = capsys.readouterr().err
+    assert "draft_lookahead" in err and "Traceback" not in err

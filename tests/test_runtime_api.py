@@ -133,3 +133,18 @@ def test_draft_threads_follow_the_target_unless_it_runs_beside_a_pass(bundle):
     beside = edgeinfer.load(bundle, threads=2, pipeline=True)  # drafts while the target verifies
     assert threads(beside, "draft") == 1
     assert threads(edgeinfer.load(bundle, threads=2, draft_threads=3), "draft") == 3
+
+
+def test_draft_lookahead_option_is_lossless_and_runs_guesses(bundle):
+    eng = edgeinfer.load(bundle, threads=1, max_context=160, draft_lookahead=3)
+    drafter = eng.drafters["model"]
+    assert drafter.lookahead is not None and drafter.lookahead.max_guesses == 3
+    assert edgeinfer.load(bundle, max_context=32).drafters["model"].lookahead is None  # off by default
+    drafter.lookahead.cost_ratio, drafter.lookahead.adapt_cost = 0.0, False  # feed every guess found
+    prompt = "ab ab ab ab ab ab ab ab"  # repetitive: prompt lookup always finds a continuation
+    ids = eng.tokenizer.encode(prompt)
+    ref, gaps = raw_greedy(bundle / "target" / "model.onnx", eng.target.spec, ids, 40)
+    for mode in ("tree", "chain"):
+        r = eng.generate(prompt, max_new_tokens=40, mode=mode, ignore_eos=True)
+        assert same_or_near_tie(r.tokens, ref, gaps)
+    assert drafter.lookahead.stats["fed"] > 0

@@ -63,6 +63,7 @@ def test_fallback_alpha_range(alpha):
     ({"draft_providers": [""]}, "draft_providers"), ({"threads": -1}, "threads"),
     ({"graph_optimization": "max"}, "graph_optimization"), ({"max_context": 1}, "max_context"),
     ({"kv_block": 0}, "kv_block"), ({"verify_checksums": 1}, "verify_checksums"),
+    ({"draft_lookahead": -1}, "draft_lookahead"), ({"draft_lookahead": 1.5}, "draft_lookahead"),
 ])
 def test_engine_options_rejects(kw, field):
     with pytest.raises(ConfigError, match=f"EngineOptions.{field}"):

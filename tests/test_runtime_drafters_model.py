@@ -273,3 +273,134 @@ def test_speculation_stops_below_its_confidence_floor():
     # 9 (C .36) is expanded; its child 10 has C .36 * .7 = .252, 11 would be .176
     assert d.speculate(lambda: False, max_steps=8, min_confidence=0.2) == 2
     assert runner.calls[-2:] == [[9], [10]]
+
+
+# -- lookahead: guessed chains expanded by the same forward ------------------------------------
+
+from edgeinfer.runtime.drafters.lookahead import NgramLookahead  # noqa: E402
+
+
+def always(**kw):
+    """A lookahead that feeds every guess it finds (no cost to weigh)."""
+    return NgramLookahead(cost_ratio=0.0, adapt_cost=False, **kw)
+
+
+def test_lookahead_grows_the_same_chain_in_fewer_forwards():
+    # Default rows only: t -> t + 1 (p .7). The context repeats 0 1 2, so prompt lookup guesses
+    # 3 4 5 after the root (all the draft's top-1), then 7 8 9 after ... 4 5 6.
+    ctx = list(range(12)) + [0, 1, 2]
+    budget = TreeBudget(max_nodes=8, max_depth=9, branch_threshold=1.0)
+    trees, calls = {}, {}
+    for la in (None, always()):
+        runner = PathRunner(table_logits({}))
+        d = ModelDrafter(runner, lookahead=la)
+        trees[la is None], calls[la is None] = d.propose(ctx, budget), runner.calls
+        node_probs_ok(trees[la is None], ctx, table_logits({}))
+    assert trees[True].tokens == trees[False].tokens == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert trees[True].parents == trees[False].parents
+    np.testing.assert_allclose(trees[True].probs, trees[False].probs, rtol=1e-6)
+    assert calls[True] == [ctx] + [[t] for t in range(3, 10)]
+    assert calls[False] == [ctx + [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_wrong_guesses_change_nothing_but_the_forward_width():
+    # The context's earlier 0 1 2 was followed by 9 9 9: the guess 9 is not a child of 2.
+    ctx = [5, 0, 1, 2, 9, 9, 9, 0, 1, 2]
+    budget = TreeBudget(max_nodes=5, max_depth=6, branch_threshold=1.0)
+    runner = PathRunner(table_logits({}))
+    d = ModelDrafter(runner, lookahead=always())
+    tree = d.propose(ctx, budget)
+    assert tree.tokens == [3, 4, 5, 6, 7] and d.stats["guessed"] == 0
+    assert runner.calls[0] == ctx + [9, 9, 9]
+    node_probs_ok(tree, ctx, table_logits({}))
+    fed = [len(c) - 1 for c in runner.calls[1:] if len(c) > 1]
+    assert d.lookahead.stats == {"forwards": 1 + len(fed), "fed": 3 + sum(fed), "matched": 0}
+
+
+@pytest.mark.parametrize("reuse_kv", [True, False])
+def test_lookahead_kv_bookkeeping_matches_a_fresh_drafter_every_round(reuse_kv):
+    # Random trees over a 16-token vocabulary: contexts repeat n-grams often, some guesses match.
+    budget = TreeBudget(max_nodes=7, max_depth=5, branch_threshold=0.2)
+    runner = PathRunner(hashed_logits)
+    d = ModelDrafter(runner, reuse_kv=reuse_kv, lookahead=always(min_ngram=1))
+    simulate(d, runner, hashed_logits, 25, seed=4, budget=budget,
+             check_fresh=lambda: ModelDrafter(PathRunner(hashed_logits), lookahead=always(min_ngram=1)))
+    assert d.stats["guessed"] > 0 and d.lookahead.stats["fed"] > d.lookahead.stats["matched"]
+
+
+def test_lookahead_speculation_and_reroot():
+    # Speculating past the tree with guesses; the next propose re-roots in the speculated part.
+    runner = PathRunner(table_logits({}))
+    d = ModelDrafter(runner, lookahead=always())
+    ctx = list(range(10)) + [0, 1]
+    tree = d.propose(ctx, TreeBudget(max_nodes=2, max_depth=4, branch_threshold=1.0))
+    assert tree.tokens == [2, 3] and runner.calls == [ctx + [2, 3, 4]]  # 3 has no room for children
+    assert d.speculate(lambda: False, max_steps=1) == 1  # expands 3 with guesses 4 5 6
+    assert runner.calls[-1] == [3, 4, 5, 6] and d.stats["guessed"] == 1 + 3
+    ctx2 = ctx + [2, 3, 4]
+    calls = len(runner.calls)
+    tree = d.propose(ctx2, TreeBudget(max_nodes=3, max_depth=4, branch_threshold=1.0))
+    assert tree.tokens == [5, 6, 7] and d.stats["spec_hits"] == 1
+    node_probs_ok(tree, ctx2, table_logits({}))
+    assert len(runner.calls) <= calls + 1
+
+
+@pytest.mark.parametrize("reuse_kv", [True, False])
+def test_real_runner_lookahead_trees_equal_full_recomputation(tiny, reuse_kv):
+    spec, path, raw_fn, ModelRunner = tiny
+    budget = TreeBudget(max_nodes=8, max_depth=5, branch_threshold=0.08)
+    real = ModelRunner(path, spec, max_context=256)
+    d_real = ModelDrafter(real, reuse_kv=reuse_kv, lookahead=always(min_ngram=1))
+    d_ref = ModelDrafter(PathRunner(raw_fn), reuse_kv=reuse_kv, lookahead=always(min_ngram=1))
+    rng = np.random.default_rng(1)
+    ctx = [5, 9, 13, 5, 9]
+    for r in range(10):
+        t_real, t_ref = d_real.propose(ctx, budget), d_ref.propose(ctx, budget)
+        assert (t_real.tokens, t_real.parents) == (t_ref.tokens, t_ref.parents)
+        np.testing.assert_allclose(t_real.probs, t_ref.probs, rtol=1e-4, atol=1e-6)
+        leaf = t_real.leaves()[rng.integers(len(t_real.leaves()))]
+        acc = t_real.path_to(leaf)[:rng.integers(1, 5)]
+        # repeat an earlier piece of the context now and then, so that prompt lookup has matches
+        tail = ctx[-4:-2] if r % 2 else [int(rng.integers(spec.vocab_size))]
+        ctx = ctx + [t_real.tokens[i] for i in acc] + tail
+    assert d_real.lookahead.stats["fed"] > 0 and real.past_len == len(d_real._committed)
+
+
+# -- the guesser itself ---------------------------------------------------------------------------
+
+def test_ngram_lookahead_picks_the_longest_most_recent_match():
+    la = always(max_guesses=3, max_ngram=3, min_ngram=1)
+    text = np.array([7, 1, 2, 3, 4, 8, 2, 3, 5, 6, 1, 2, 3], dtype=np.int64)
+    assert la.guesses(text, 3) == (3, [4, 8, 2])  # "1 2 3" -> 4 8 2 (not the "2 3" -> 5 6 match)
+    assert la.guesses(text, 2) == (3, [4, 8])  # the depth left limits it
+    assert la.guesses(text[:8], 3) == (2, [4, 8, 2])  # ends "8 2 3": only "2 3" occurred before
+    recent = np.array([2, 3, 9, 2, 3, 5, 1, 2, 3], dtype=np.int64)
+    assert la.guesses(recent, 3) == (2, [5, 1, 2])  # the most recent "2 3" wins
+    assert la.guesses(np.array([1, 2, 3], dtype=np.int64), 3) == (0, [])
+    assert la.guesses(text, 0) == (0, [])
+
+
+def test_ngram_lookahead_gate_learns_and_explores():
+    la = NgramLookahead(max_guesses=2, max_ngram=2, min_ngram=1, decay=0.9, cost_ratio=0.3,
+                        explore_every=5)
+    text = np.array([4, 5, 6, 4, 5], dtype=np.int64)  # "4 5" -> 6 4
+    assert la.guesses(text, 2) == (2, [6, 4])  # the prior (1 in 2) is above the cost ratio
+    for _ in range(20):
+        la.record(2, 2, 1)  # the first guess always right, the second never
+    r = la.rates()
+    assert r[1, 0] > 0.9 and r[1, 1] < 0.3 and r[0, 0] == 0.5  # k = 1 untouched
+    outs = [la.guesses(text, 2) for _ in range(10)]
+    assert outs.count((2, [6, 4])) == 2 and outs.count((2, [6])) == 8  # every 5th chance explores
+    la.record_cost(step_seconds=0.010, seconds=0.016, nodes=3)  # 0.3 per extra node
+    assert la.cost_ratio == pytest.approx(0.3)
+    la.reset()
+    assert np.allclose(la.rates(), 0.5) and la.stats["fed"] == 0 and la.cost_ratio == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("kw", [{"max_guesses": 0}, {"min_ngram": 0}, {"min_ngram": 3, "max_ngram": 2},
+                                {"decay": 0}, {"prior": (3.0, 2.0)}])
+def test_ngram_lookahead_rejects_bad_settings(kw):
+    from edgeinfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="NgramLookahead"):
+        NgramLookahead(**kw)

@@ -22,7 +22,8 @@ def _load(args: argparse.Namespace):
     return load(args.bundle, providers=_csv(args.providers), draft_providers=_csv(args.draft_providers),
                 drafters=drafters,
                 threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                verify_checksums=not args.no_verify, memory_budget=args.memory_budget)
+                verify_checksums=not args.no_verify, memory_budget=args.memory_budget,
+                draft_lookahead=args.draft_lookahead)
 
 
 def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,6 +231,9 @@ def add_run_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.add_argument("--draft-threads", type=int, default=None,
                         help="threads of the draft model (default: the target's)")
         sp.add_argument("--max-context", type=int, default=None, help="context window (default min(model, 4096))")
+        sp.add_argument("--draft-lookahead", type=int, default=None, metavar="N",
+                        help="tokens guessed from the context (prompt lookup) that each draft forward "
+                             "also runs; pays on repetitive text such as code (default 0: off)")
         sp.add_argument("--no-verify", action="store_true", help="skip bundle checksum verification on load")
         sp.add_argument("--memory-budget", metavar="SIZE",
                         help="memory budget, e.g. 200MB or auto (cgroup limit / available memory): the "

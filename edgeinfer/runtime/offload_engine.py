@@ -62,6 +62,7 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     draft_entry = manifest.models.get("draft")
     want_model = drafters is None or "model" in drafters
     if draft_entry is not None and draft_entry.onnx and want_model:
+        from .drafters.lookahead import make_lookahead
         from .drafters.model import ModelDrafter
 
         d = draft_entry.spec
@@ -78,7 +79,8 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         draft.forward(list(range(nodes)))  # fault in what a pass reads, inside the measured baseline
         draft.reset()
         trim_heap()  # what session creation and pre-packing freed
-        available["model"], runners["draft"] = ModelDrafter(draft), draft
+        available["model"], runners["draft"] = (ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead)),
+                                                draft)
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve)
     from .drafters.ngram import NgramDrafter

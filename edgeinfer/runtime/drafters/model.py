@@ -29,6 +29,14 @@ the path ran 17-19% fewer draft tokens in the same number of forward calls, for 
 same or less draft time; committing costs one in-place gather, so it is never slower.
 When the new context ends exactly at an expanded node (a pipeline speculation that came true,
 see ``speculate``), the drafter re-roots there and keeps that subtree, with no forward call.
+
+Lookahead (``lookahead``, a :class:`~.lookahead.NgramLookahead`): a forward that expands a
+node (or catches up to the root) also runs a short chain of tokens guessed from the context
+after it; every guess found among the draft's children of the node before it is expanded by
+that same forward (lookahead.py), if the node budget leaves room for its children. Every node
+is still one of the draft's own children with its own probability; the shape can differ from
+the tree grown without lookahead, as a guessed node is expanded whether or not the branch pacer
+would have picked it next.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from ...errors import ConfigError
 from ..sampling import SamplingParams, process_logits, sample_children
 from ..tree import TokenTree
 from .base import StopFn, TreeBudget
+from .lookahead import NgramLookahead, path_text
 
 __all__ = ["ModelDrafter"]
 
@@ -88,22 +97,29 @@ class ModelDrafter:
     """runner: the draft's ModelRunner (owned: nothing else may touch it); sampling / seed:
     sampled children (see set_sampling); reuse_kv: keep expanded nodes' K/V across proposals;
     max_children: branches per expansion; scratch_limit: uncommitted nodes kept for re-rooting
-    (they widen the draft's attention, so the drafter commits once there are more)."""
+    (they widen the draft's attention, so the drafter commits once there are more);
+    lookahead: guessed chains run in the same forward (module docstring), None: off."""
 
     name = "model"
 
     def __init__(self, runner: Any, sampling: SamplingParams | None = None, seed: int | None = None,
-                 reuse_kv: bool = True, max_children: int = 4, scratch_limit: int = 96) -> None:
+                 reuse_kv: bool = True, max_children: int = 4, scratch_limit: int = 96,
+                 lookahead: NgramLookahead | None = None) -> None:
         if max_children < 1:
             raise ConfigError(f"ModelDrafter.max_children must be >= 1, got {max_children!r}")
         self.runner = runner
         self.sampling = None if sampling is None or sampling.greedy else sampling
         self.rng = np.random.default_rng(seed)
         self.reuse_kv, self.max_children, self.scratch_limit = reuse_kv, max_children, scratch_limit
+        self.lookahead = lookahead
+        self._budget: TreeBudget | None = None  # of the current propose (None while speculating)
+        self._ctx_arr = np.zeros(0, dtype=np.int64)  # the rooted context, for the guesses
         self.trace: list[tuple[str, float, float]] | None = None  # (kind, start, end) per forward
         # spec_hits: re-rooted at a speculated node (tree start reused); spec_kv_hits: speculated
         # K/V committed (the verified context ran into, but not through, the speculation)
-        self.stats = {"forwards": 0, "forward_tokens": 0, "reroots": 0, "spec_hits": 0, "spec_kv_hits": 0}
+        # guessed: expansions done by lookahead guesses (forwards saved)
+        self.stats = {"forwards": 0, "forward_tokens": 0, "reroots": 0, "spec_hits": 0, "spec_kv_hits": 0,
+                      "guessed": 0}
         # running mean (weight 0.2) of one-token forwards on the critical path (not the pipeline's
         # speculation, which shares the cores with a target pass and runs slower): a draft
         # step's cost for CostAwarePolicy and auto mode's gate
@@ -114,15 +130,19 @@ class ModelDrafter:
         self._ctx: list[int] | None = None  # the context the store is rooted at
         self._store: _Store | None = None
         self._exported: list[int] = []  # store nodes of the last proposed tree, in tree order
+        self._marks: list[int] = []  # store sizes after each expansion of the last forward
 
     # -- runner access ---------------------------------------------------------------------
     def _forward(self, kind: str, tokens: list[int], parents: list[int] | None,
-                 last_only: bool) -> np.ndarray:
-        """runner.forward + trace + the scratch mirror; logits float32 [m, vocab]."""
+                 logits_from: int = 0) -> np.ndarray:
+        """runner.forward + trace + the scratch mirror; logits float32 [m, vocab] of the nodes
+        from index ``logits_from`` on."""
         base = len(self._slot_tok)
         t0 = time.perf_counter()
-        logits = self.runner.forward(tokens, parents, [len(tokens) - 1] if last_only else None)
+        index = list(range(logits_from, len(tokens))) if logits_from else None
+        logits = self.runner.forward(tokens, parents, index)
         t1 = time.perf_counter()
+        self._last_seconds = t1 - t0
         if self.trace is not None:
             self.trace.append((kind, t0, t1))
         self.stats["forwards"] += 1
@@ -169,6 +189,8 @@ class ModelDrafter:
                 self.stats["reroots"] += v != 0
                 self.stats["spec_hits"] += store.spec[v]
                 self._store, self._ctx = store.subtree(v), ctx
+                self._ctx_arr = np.asarray(ctx, dtype=np.int64)
+                self._marks = [len(self._store)]
                 return
             # Deepest expanded node on the matched path that is not the new root.
             last_ctx = len(ctx) - 1
@@ -189,9 +211,15 @@ class ModelDrafter:
             if lcp < len(self._committed):
                 self.runner.truncate(lcp)
                 del self._committed[lcp:]
-        logits = self._forward("catchup", ctx[lcp:], None, last_only=True)
-        self._store, self._ctx = _Store(ctx[-1], len(self._slot_tok) - 1), ctx
-        self._make_children(0, logits[-1], min(self.max_children, budget.max_nodes), spec=False)
+        self._ctx_arr = np.asarray(ctx, dtype=np.int64)
+        run = ctx[lcp:]
+        k, guess = self._guesses(self._ctx_arr, budget.max_depth - 1, len(run))
+        base = len(self._slot_tok)
+        logits = self._forward("catchup", run + guess, None, logits_from=len(run) - 1)
+        self._store, self._ctx = _Store(ctx[-1], base + len(run) - 1), ctx
+        self._make_children(0, logits[0], min(self.max_children, budget.max_nodes), spec=False)
+        self._marks = [len(self._store)]
+        self._follow(0, k, guess, logits[1:], base + len(run), spec=False, timed=len(run) == 1)
 
     # -- growing -----------------------------------------------------------------------------
     def _make_children(self, node: int, logits: np.ndarray, budget_left: int, spec: bool) -> None:
@@ -220,12 +248,66 @@ class ModelDrafter:
         store = self._store
         if not self._room(1):
             return False
+        k, guess = 0, []
+        if self.lookahead is not None:
+            depth_left = (self._budget.max_depth - 2 - store.depth[node] if self._budget is not None
+                          else self.lookahead.max_guesses)
+            k, guess = self._guesses(self._path_text(node), depth_left, 1)
+        base = len(self._slot_tok)
         parent_slot = store.slot[store.par[node]]
-        logits = self._forward(kind, [store.tok[node]], [parent_slot], last_only=False)
-        store.slot[node] = len(self._slot_tok) - 1
+        parents = [parent_slot] + [base + j for j in range(len(guess))]
+        logits = self._forward(kind, [store.tok[node]] + guess, parents)
+        store.slot[node] = base
         store.spec[node] = store.spec[node] or spec  # created or expanded while speculating
         self._make_children(node, logits[0], budget_left, spec)
+        self._marks = [len(store)]
+        self._follow(node, k, guess, logits[1:], base + 1, spec)
         return True
+
+    # -- lookahead (module docstring) ----------------------------------------------------------
+    def _path_text(self, node: int) -> np.ndarray:
+        """The rooted context followed by the tokens from the root down to ``node``."""
+        store, path = self._store, []
+        while node > 0:
+            path.append(store.tok[node])
+            node = store.par[node]
+        return path_text(self._ctx_arr, path[::-1])
+
+    def _guesses(self, text: np.ndarray, depth_left: int, run: int) -> tuple[int, list[int]]:
+        """Guessed tokens to run after ``text`` in a forward of ``run`` other tokens (none
+        without lookahead, beyond the depth budget or the context limit)."""
+        if self.lookahead is None or depth_left <= 0:
+            return 0, []
+        k, guess = self.lookahead.guesses(text, depth_left)
+        while guess and not self._room(run + len(guess)):
+            guess = guess[:-1]
+        return k, guess
+
+    def _follow(self, node: int, k: int, guess: list[int], logits: np.ndarray, first_slot: int,
+                spec: bool, timed: bool = True) -> None:
+        """Expand the guessed chain below ``node`` while each guess is one of the children
+        already made (guess j ran at slot ``first_slot + j`` with logits ``logits[j]``).
+        ``timed``: the forward ran one node besides the guesses, so its time tells the cost of
+        the guesses (a catch-up of a longer chain, e.g. the prompt, does not)."""
+        if not guess:
+            return
+        store, budget = self._store, self._budget
+        matched = 0
+        for j, g in enumerate(guess):
+            child = next((c for c in store.kids[node] if store.tok[c] == g), -1)
+            left = (budget.max_nodes - (len(store) - 1)) if budget is not None else self.max_children
+            if child < 0 or left <= 0:  # no room for its children: leave it unexpanded
+                break
+            store.slot[child] = first_slot + j
+            store.spec[child] = spec
+            self._make_children(child, logits[j], left, spec)
+            self._marks.append(len(store))
+            matched += 1
+            node = child
+        self.stats["guessed"] += matched
+        self.lookahead.record(k, len(guess), matched)
+        if timed and self.step_seconds is not None:
+            self.lookahead.record_cost(self.step_seconds, self._last_seconds, 1 + len(guess))
 
     def _pick(self, budget: TreeBudget) -> int:
         """The branch pacer: the expandable leaf furthest behind its share (-1: none)."""
@@ -242,10 +324,25 @@ class ModelDrafter:
                 best, key = i, k
         return best
 
-    def _tree_confidence(self) -> float:
+    def _tree_confidence(self, upto: int | None = None) -> float:
+        """T_c of the store's first ``upto`` nodes (all by default)."""
         store = self._store
-        leaves = [i for i in range(1, len(store)) if not store.kids[i]]
+        n = len(store) if upto is None else upto
+        leaves = [i for i in range(1, n) if not any(c < n for c in store.kids[i])]
         return max((store.conf[i] for i in leaves), default=1.0)
+
+    def _grown(self, budget: TreeBudget, stop: StopFn | None) -> tuple[TokenTree, bool]:
+        """The tree after the last forward and whether drafting stops there. A forward that
+        expanded guessed nodes too is checked as if they had come one forward each (the store
+        as it was after each expansion, ``self._marks``): the stop rules (node cap, alpha,
+        ``stop``) then end the tree where one-node steps would have ended it, and the rest stays
+        in the store for a later proposal to re-root into."""
+        for m in self._marks:
+            tree = self._export(budget, upto=m)
+            if (len(tree) >= budget.max_nodes or self._tree_confidence(m) < budget.min_confidence
+                    or (stop is not None and len(tree) and stop(tree))):
+                return tree, True
+        return tree, False
 
     def propose(self, context: Sequence[int], budget: TreeBudget,
                 stop: StopFn | None = None) -> TokenTree:
@@ -253,25 +350,23 @@ class ModelDrafter:
         if not ctx:
             raise ValueError("ModelDrafter.propose: empty context (the root needs a token)")
         self._threshold = budget.branch_threshold
+        self._budget = budget
         self._sync(ctx, budget)
         store = self._store
-        tree = self._export(budget)
-        while len(tree) < budget.max_nodes:
-            if self._tree_confidence() < budget.min_confidence:
-                break
-            if stop is not None and len(tree) and stop(tree):
-                break
+        while True:
+            tree, done = self._grown(budget, stop)
+            if done:
+                return tree
             leaf = self._pick(budget)
             if leaf < 0 or not self._expand(leaf, "expand", budget.max_nodes - (len(store) - 1), False):
-                break
-            tree = self._export(budget)
-        return tree
+                return tree
 
-    def _export(self, budget: TreeBudget) -> TokenTree:
+    def _export(self, budget: TreeBudget, upto: int | None = None) -> TokenTree:
+        """The store as a TokenTree within the budget (only its first ``upto`` nodes if given)."""
         store, tree = self._store, TokenTree()
         at = {0: -1}
         self._exported = []
-        for i in range(1, len(store)):
+        for i in range(1, len(store) if upto is None else upto):
             p = store.par[i]
             if len(tree) >= budget.max_nodes:
                 break
@@ -296,6 +391,7 @@ class ModelDrafter:
         store = self._store
         if store is None or not self._exported or not self.reuse_kv:
             return 0
+        self._budget = None  # beyond the tree: no node or depth budget
         shown = set(self._exported)
         leaves = [i for i in self._exported if not any(c in shown for c in store.kids[i])]
         node = max(leaves, key=lambda i: (store.conf[i], -i))
@@ -322,6 +418,11 @@ class ModelDrafter:
 
     def observe(self, result: Any) -> None:
         """Nothing to learn: the next propose matches the verified context itself."""
+
+    def forget(self) -> None:
+        """Forget the lookahead's match rates (Engine.reset_drafters)."""
+        if self.lookahead is not None:
+            self.lookahead.reset()
 
     def reset(self) -> None:
         """Forget the tree and the cache (a new conversation)."""
