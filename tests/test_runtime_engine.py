@@ -108,17 +108,23 @@ def test_pipelined_speculation_is_lossless_and_overlaps(tiny, drafter):
     _, _, ref, gaps = tiny
     eng = make_engine(tiny)
     eng.pipeline = True
-    r = eng.generate(PROMPT, max_new_tokens=N, drafter=drafter, mode="tree")  # "auto" may choose plain
-    assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
-    kinds = {e.phase for e in r.stats.trace}
-    if drafter == "ngram":  # no draft model to speculate with: the plain speculative loop
-        assert "draft" in kinds and "speculate" not in kinds
-    else:
+    # A tiny model's pass takes well under a millisecond, so in one generation the speculating
+    # thread can miss every verification (seen once in six full runs): a few generations may run,
+    # each must be lossless, and at least one must show the overlap.
+    for attempt in range(5):
+        r = eng.generate(PROMPT, max_new_tokens=N, drafter=drafter, mode="tree")  # "auto" may choose plain
+        assert same_or_near_tie(r.tokens, ref, gaps), (r.tokens, ref)
+        kinds = {e.phase for e in r.stats.trace}
+        if drafter == "ngram":  # no draft model to speculate with: the plain speculative loop
+            assert "draft" in kinds and "speculate" not in kinds
+            return
         assert r.stats.verifications > 0 and "speculate" in kinds and "verify" in kinds
         verify = [(e.start, e.end) for e in r.stats.trace if e.phase == "verify"]
         spec = [(e.start, e.end) for e in r.stats.trace if e.phase == "speculate"]
         overlap = sum(max(0.0, min(b, d) - max(a, c)) for a, b in verify for c, d in spec)
-        assert overlap > 0  # the draft ran while the target verified
+        if overlap > 0:
+            break
+    assert overlap > 0  # the draft ran while the target verified
 
 
 def test_max_new_tokens_and_context_end(tiny):
