@@ -104,6 +104,11 @@ def test_method_names_and_patterns():
     assert len(names) == len(set(names))
     quick = [c.name for c in candidates(BenchConfig.quick(), ("ngram",))]
     assert quick == ["edgeinfer plain", "edgeinfer tree ngram", "llama.cpp source"]
+    with_model = [c for c in candidates(cfg, ("model",)) if "lookahead" in c.name]
+    assert [c.name for c in with_model] == ["edgeinfer lookahead chain model", "edgeinfer lookahead tree model"]
+    assert all(dict(c.options)["lookahead"] > 0 for c in with_model)
+    assert [c.name for c in candidates(BenchConfig.quick(), ("model",))] == [
+        "edgeinfer plain", "edgeinfer tree model", "llama.cpp source"]  # the CI preset stays small
     spec = MethodSpec("x", "llama.cpp", "llama_cpp", {"model_path": "m.gguf"}, ("m.gguf",))
     assert MethodSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 

@@ -57,14 +57,16 @@ class EdgeinferMethod(Method):
     """``edgeinfer.load(bundle)`` then ``Engine.stream_tokens(prompt ids, GenerationConfig)``.
 
     Options: ``mode`` (plain | chain | tree | auto), ``drafter`` (a name, or names joined by "+"
-    for the runtime's combined drafter), ``max_nodes`` (tree node budget; depth follows).
+    for the runtime's combined drafter), ``max_nodes`` (tree node budget; depth follows),
+    ``lookahead`` (EngineOptions.draft_lookahead, default 0).
     """
 
     def setup(self) -> dict[str, Any]:
         import edgeinfer
         from ..runtime.config import GenerationConfig, TreeBudget
 
-        self.engine = edgeinfer.load(self.opts["bundle"], threads=self.threads)
+        self.engine = edgeinfer.load(self.opts["bundle"], threads=self.threads,
+                                     draft_lookahead=int(self.opts.get("lookahead", 0)))
         tree = TreeBudget()
         if self.opts.get("max_nodes"):
             n = int(self.opts["max_nodes"])

@@ -32,6 +32,7 @@ class Candidate:
 
 
 LLAMA_LOOKUP_PRECISIONS = ("Q8_0", "source")  # the first of these that is measured gets +lookup
+LOOKAHEAD = 3  # guesses per draft forward of the "+lookahead" methods
 
 
 def candidates(config: BenchConfig, drafters: tuple[str, ...]) -> list[Candidate]:
@@ -46,6 +47,10 @@ def candidates(config: BenchConfig, drafters: tuple[str, ...]) -> list[Candidate
                              (("mode", "chain"), ("drafter", d)), speculative=True))
         out.append(Candidate(f"edgeinfer tree {d}", "edgeinfer", "edgeinfer", "bundle",
                              (("mode", "tree"), ("drafter", d)), speculative=True))
+        if d == "model":  # the draft model with lookahead guesses (EngineOptions.draft_lookahead)
+            out += [Candidate(f"edgeinfer lookahead {m} model", "edgeinfer", "edgeinfer", "bundle",
+                              (("mode", m), ("drafter", d), ("lookahead", LOOKAHEAD)), speculative=True)
+                    for m in ("chain", "tree")]
         if config.sweep:
             out += [Candidate(f"edgeinfer tree {d} @{b}", "edgeinfer", "edgeinfer", "bundle",
                               (("mode", "tree"), ("drafter", d), ("max_nodes", b)),
