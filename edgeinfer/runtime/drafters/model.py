@@ -131,6 +131,7 @@ class ModelDrafter:
         self._store: _Store | None = None
         self._exported: list[int] = []  # store nodes of the last proposed tree, in tree order
         self._marks: list[int] = []  # store sizes after each expansion of the last forward
+        self._last_seconds = 0.0  # the last forward's wall time
 
     # -- runner access ---------------------------------------------------------------------
     def _forward(self, kind: str, tokens: list[int], parents: list[int] | None,
