@@ -123,3 +123,19 @@ def test_inspect_names_the_shard_layout(sharded, capsys):
     out = capsys.readouterr().out
     assert "shards for offloading: 2 layers x 4 shard(s)" in out and "target/layers/ (" in out
     assert "layer_000_gate.onnx" not in out  # shard files summed up in one line
+
+
+def test_streaming_needs_no_onnx_package(sharded):
+    """The export writes the rewritten shard graphs (stream index), so a streamed engine loads
+    and decodes with onnxruntime alone: importing onnx would hold ~11 MiB of the budget."""
+    import json
+    import subprocess
+    import sys
+
+    shards = json.loads((sharded / "manifest.json").read_text())["models"]["target"]["shards"]
+    assert (sharded / shards["stream_index"]).is_file()
+    code = (f"import sys, edgeinfer; e = edgeinfer.load({str(sharded)!r}, memory_budget='2GB'); "
+            "r = e.generate('the quick brown fox', max_new_tokens=6, mode='tree', drafter='model'); "
+            "print(len(r.tokens), 'onnx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["6", "False"]

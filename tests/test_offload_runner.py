@@ -366,3 +366,104 @@ def test_describe_parts_names_layers_and_parts(tmp_path):
     assert r.describe_parts(r.plan.resident).startswith("embed, layers 0-5")  # all resident here
     assert r.describe_parts([]) == ""
     r.close()
+
+
+# -- the stream index: shard graphs rewritten at export, read without onnx ---------------------
+
+def _indexed(shards: ShardPaths, root: Path) -> ShardPaths:
+    from dataclasses import replace
+
+    from edgeinfer.runtime.shard_graphs import write_stream_index
+
+    rel = write_stream_index(root, shards.embed, list(shards.layer_files), shards.head, root / "layers" / "stream")
+    return replace(shards, root=root, index=rel)
+
+
+def _same_graph(a, b) -> None:
+    assert (a.path, a.data_path, a.signature, a.inputs, a.outputs, a.span) == \
+           (b.path, b.data_path, b.signature, b.inputs, b.outputs, b.span)
+    assert a.model_bytes == b.model_bytes and a.tensors == b.tensors
+    assert a.inline.keys() == b.inline.keys()
+    for k in a.inline:
+        assert a.inline[k].dtype == b.inline[k].dtype
+        np.testing.assert_array_equal(a.inline[k], b.inline[k])
+
+
+def test_stream_index_holds_what_the_rewrite_gives(model, tmp_path):
+    from edgeinfer.runtime.shard_graphs import (head_matmul_graph, load_shard_graph, load_stream_index,
+                                                row_gather_weight, split_head)
+
+    spec, _, shards0 = model
+    shards = _indexed(_copy_shards(shards0, tmp_path), tmp_path)
+    index = load_stream_index(shards.root, shards.index)
+    for p in (shards.embed, shards.head, *shards.layer_files):
+        _same_graph(index.shard(tmp_path, p), load_shard_graph(p))
+    embed = load_shard_graph(shards.embed)
+    gather = row_gather_weight(embed)
+    assert gather is not None and index.gather_weight == gather
+    _same_graph(index.embed_rows, load_shard_graph(shards.embed, frozenset({gather})))
+    split = split_head(load_shard_graph(shards.head))
+    assert (index.head_split.weight, index.head_split.layout) == (split.weight, split.layout)
+    assert (index.head_split.pre, index.head_split.tail) == (split.pre, split.tail)
+    assert index.head_matmul == head_matmul_graph(split.layout)
+    if spec.num_layers and any(len(parts) > 1 for parts in shards.layers):  # shared graphs stored once
+        assert len(list((tmp_path / "layers" / "stream" / "graphs").iterdir())) < len(shards.layer_files)
+
+
+def test_streaming_from_the_index_equals_the_rewrite(model, tmp_path):
+    spec, _, shards0 = model
+    shards = _indexed(_copy_shards(shards0, tmp_path), tmp_path)
+    a = runner(spec, shards0, streaming_budget(spec, shards0))  # rewritten at load
+    b = runner(spec, shards, streaming_budget(spec, shards0))
+    assert a.plan.streamed == b.plan.streamed and b.plan.streamed
+    prompt = [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(a.forward(prompt), b.forward(prompt))
+    a.commit(range(5))
+    b.commit(range(5))
+    for tok in (7, 9, 200):
+        np.testing.assert_array_equal(a.forward([tok]), b.forward([tok]))
+        a.commit([0])
+        b.commit([0])
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "cannot read the stream index"),
+    ("json", "not valid JSON"),
+    ("format", "'format' must be"),
+    ("version", "unknown 'version'"),
+    ("graph_missing", "is missing"),
+    ("graph_corrupt", "do not match its name"),
+    ("no_entry", "no entry for shard"),
+    ("field", "malformed"),
+])
+def test_stream_index_errors_name_the_file(model, tmp_path, damage, message):
+    import json
+
+    spec, _, shards0 = model
+    shards = _indexed(_copy_shards(shards0, tmp_path), tmp_path)
+    path = tmp_path / shards.index
+    d = json.loads(path.read_text())
+    graphs = sorted((path.parent / "graphs").iterdir())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "json":
+        path.write_text("{not json")
+    elif damage in ("format", "version"):
+        d[damage] = "other" if damage == "format" else 99
+        path.write_text(json.dumps(d))
+    elif damage == "graph_missing":
+        graphs[0].unlink()
+    elif damage == "graph_corrupt":
+        graphs[0].write_bytes(graphs[0].read_bytes()[:-1] + b"\0")
+    elif damage == "no_entry":
+        d["shards"].pop(shards.layer_files[0].relative_to(tmp_path).as_posix())
+        path.write_text(json.dumps(d))
+    elif damage == "field":
+        first = next(iter(d["shards"]))
+        del d["shards"][first]["tensors"]
+        path.write_text(json.dumps(d))
+    with pytest.raises(ShardError, match=message) as err:
+        runner(spec, shards, streaming_budget(spec, shards0))
+    assert str(tmp_path) in str(err.value)

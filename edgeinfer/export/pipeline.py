@@ -231,9 +231,15 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
     if config.shards and role == "target":
         from .onnx_shards import build_layer_shards
 
+        from ..runtime.shard_graphs import write_stream_index
+
         shard_info = build_layer_shards(spec, get, recipe, stage / role / "layers",
                                         progress=stage_progress("shards"), split=config.shard_split)
         shards = shard_info.to_manifest(relative_to=stage)
+        # the graphs rewritten for streaming, so that the runtime needs no onnx package
+        shards["stream_index"] = write_stream_index(
+            stage, shard_info.embed.path, [p.path for parts in shard_info.layers for p in parts],
+            shard_info.head.path, stage / role / "layers" / "stream")
     gguf_rel = None
     if "gguf" in config.formats:
         from .gguf_writer import write_gguf

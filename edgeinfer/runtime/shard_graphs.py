@@ -290,3 +290,170 @@ def head_matmul_graph(layout: str) -> bytes:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model.SerializeToString()
+
+
+# -- the stream index: the rewritten graphs stored ahead of time -------------------------------
+#
+# Rewriting a shard (load_shard_graph, row_gather_weight, split_head, head_matmul_graph) needs
+# the onnx package, whose import alone holds ~11 MiB of a process (measured: Python objects
+# and its C extension), a large share of a tight memory budget and a package the runtime
+# otherwise does without. The export therefore writes the rewritten form next to the shards:
+#
+#   <dir>/stream.json               this index (STREAM_INDEX_FORMAT, version)
+#   <dir>/graphs/<sha256>.onnx      every distinct rewritten graph once, named by its SHA-256
+#                                   (the layers of a model share a handful)
+#
+# stream.json: {"format", "version", "embed": its shard path, "shards": {bundle-relative shard
+# path: record},
+# "embed_rows": record | null (the embed shard with a free row dimension for row gathers),
+# "gather_weight": name | null, "head_split": {"weight", "layout", "pre", "tail"} | null,
+# "head_matmul": sha | null}; a record is {"graph": sha, "data": data file name | null,
+# "tensors": [{"input", "source", "dtype", "shape", "offset", "length"}], "inputs", "outputs",
+# "span", "inline": {name: {"dtype", "shape", "values"}}}. Bundles without it are rewritten
+# at load, as before.
+
+STREAM_INDEX_FORMAT = "edgeinfer-stream-index"
+STREAM_INDEX_VERSION = 1
+STREAM_INDEX_FILE = "stream.json"
+
+
+@dataclass
+class StreamIndex:
+    """The rewritten shard graphs of one target, keyed by bundle-relative shard path."""
+
+    path: Path
+    shards: dict[str, ShardGraph]
+    embed_rows: ShardGraph | None
+    gather_weight: str | None
+    head_split: HeadSplit | None
+    head_matmul: bytes | None
+
+    def shard(self, root: Path, shard_path: Path) -> ShardGraph:
+        key = Path(shard_path).relative_to(root).as_posix()
+        try:
+            return self.shards[key]
+        except KeyError:
+            raise ShardError(f"{self.path}: no entry for shard {key} (the index does not match the "
+                             "manifest's shards; export the bundle again)") from None
+
+
+def _record(graph: ShardGraph, graphs: dict[str, bytes]) -> dict:
+    graphs[graph.signature] = graph.model_bytes
+    return {"graph": graph.signature,
+            "data": graph.data_path.relative_to(graph.path.parent).as_posix() if graph.data_path is not None else None,
+            "tensors": [{"input": r.input_name, "source": r.source_name, "dtype": r.dtype.name,
+                         "shape": list(r.shape), "offset": r.offset, "length": r.length} for r in graph.tensors],
+            "inputs": list(graph.inputs), "outputs": list(graph.outputs), "span": list(graph.span),
+            "inline": {k: {"dtype": v.dtype.name, "shape": list(v.shape), "values": v.reshape(-1).tolist()}
+                       for k, v in graph.inline.items()}}
+
+
+def _put(graphs: dict[str, bytes], data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    graphs[sha] = data
+    return sha
+
+
+def write_stream_index(root: Path, embed: Path, layers: list[Path], head: Path, out_dir: Path) -> str:
+    """Rewrite every shard (needs onnx) and write the index and its graphs under ``out_dir``;
+    returns the index path relative to ``root`` (the bundle root), for the manifest."""
+    import json
+
+    root, out_dir = Path(root), Path(out_dir)
+    graphs: dict[str, bytes] = {}
+    shards: dict[str, dict] = {}
+
+    def rel(p: Path) -> str:
+        return Path(p).relative_to(root).as_posix()
+
+    emb = load_shard_graph(embed)
+    gather = row_gather_weight(emb)
+    embed_rows = load_shard_graph(embed, frozenset({gather})) if gather is not None else None
+    hd = load_shard_graph(head)
+    split = split_head(hd)
+    for p, g in [(embed, emb), (head, hd)] + [(p, load_shard_graph(p)) for p in layers]:
+        shards[rel(p)] = _record(g, graphs)
+    index = {
+        "format": STREAM_INDEX_FORMAT, "version": STREAM_INDEX_VERSION, "embed": rel(embed), "shards": shards,
+        "embed_rows": _record(embed_rows, graphs) if embed_rows is not None else None,
+        "gather_weight": gather,
+        "head_split": None if split is None else {"weight": split.weight, "layout": split.layout,
+                                                  "pre": _put(graphs, split.pre), "tail": _put(graphs, split.tail)},
+        "head_matmul": _put(graphs, head_matmul_graph(split.layout)) if split is not None else None,
+    }
+    (out_dir / "graphs").mkdir(parents=True, exist_ok=True)
+    for sha, data in graphs.items():
+        (out_dir / "graphs" / f"{sha}.onnx").write_bytes(data)
+    (out_dir / STREAM_INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    return rel(out_dir / STREAM_INDEX_FILE)
+
+
+def load_stream_index(root: Path, rel_path: str) -> StreamIndex:
+    """Read an index written by :func:`write_stream_index` (no onnx needed). Raises
+    ShardError naming the file and field on anything missing, unknown or inconsistent."""
+    import json
+
+    root = Path(root)
+    path = root / rel_path
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read the stream index ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != STREAM_INDEX_FORMAT:
+        raise ShardError(f"{path}: 'format' must be {STREAM_INDEX_FORMAT!r}")
+    if d.get("version") != STREAM_INDEX_VERSION:
+        raise ShardError(f"{path}: unknown 'version' {d.get('version')!r}, this edgeinfer reads "
+                         f"version {STREAM_INDEX_VERSION}")
+    cache: dict[str, bytes] = {}
+
+    def graph(sha: object, where: str) -> bytes:
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ShardError(f"{path}: {where} must name a graph by its SHA-256, got {sha!r}")
+        if sha not in cache:
+            gp = path.parent / "graphs" / f"{sha}.onnx"
+            try:
+                data = gp.read_bytes()
+            except OSError:
+                raise ShardError(f"{gp}: graph named in {path} ({where}) is missing") from None
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ShardError(f"{gp}: contents do not match its name (SHA-256); the file is corrupt")
+            cache[sha] = data
+        return cache[sha]
+
+    def record(shard_path: Path, r: object, where: str) -> ShardGraph:
+        try:
+            tensors = [TensorRef(t["input"], t["source"], np.dtype(t["dtype"]), tuple(int(x) for x in t["shape"]),
+                                 int(t["offset"]), int(t["length"])) for t in r["tensors"]]
+            inline = {k: np.asarray(v["values"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+                      for k, v in r["inline"].items()}
+            data = shard_path.parent / r["data"] if r["data"] is not None else None
+            span = (int(r["span"][0]), int(r["span"][1]))
+            model = graph(r["graph"], f"{where}.graph")
+            return ShardGraph(shard_path, data, tensors, model, r["graph"], inputs=list(r["inputs"]),
+                              outputs=list(r["outputs"]), span=span, inline=inline)
+        except ShardError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ShardError(f"{path}: {where} is malformed ({type(e).__name__}: {e})") from None
+
+    try:
+        shards = {k: record(root / k, r, f"shards[{k!r}]") for k, r in d["shards"].items()}
+        rows = d["embed_rows"]
+        embed_rows = record(root / d["embed"], rows, "embed_rows") if rows is not None else None
+        hs = d["head_split"]
+        split = None if hs is None else HeadSplit(
+            hs["weight"], hs["layout"], graph(hs["pre"], "head_split.pre"),
+            graph(hs["tail"], "head_split.tail") if hs["tail"] is not None else None)
+        if split is not None and split.layout not in ("kn", "nk"):
+            raise ShardError(f"{path}: head_split.layout must be 'kn' or 'nk', got {split.layout!r}")
+        mm = graph(d["head_matmul"], "head_matmul") if d["head_matmul"] is not None else None
+        gather = d["gather_weight"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None
+    if (split is None) != (mm is None) or (gather is None) != (embed_rows is None):
+        raise ShardError(f"{path}: head_split/head_matmul and gather_weight/embed_rows must be given together")
+    return StreamIndex(path, shards, embed_rows, gather, split, mm)

@@ -44,7 +44,7 @@ from .offload import (FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes,
 from .providers import CPU, STOP_SPINNING, ProviderReport
 from .session import ModelRunner
 from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph, load_shard_graph,
-                           row_gather_weight, split_head)
+                           load_stream_index, row_gather_weight, split_head)
 from .shard_io import (RowReader, StreamPart, StreamRing, WeightReader, aligned_buffer, file_stamp,
                        tensor_views)
 
@@ -54,21 +54,30 @@ class ShardPaths:
     embed: Path
     layers: tuple[tuple[Path, ...], ...]  # per decoder layer, its shards in the order they run
     head: Path
+    # the bundle root and its stream index (shard_graphs.write_stream_index), when the export
+    # wrote one: the rewritten graphs are then read from it, without the onnx package
+    root: Path | None = None
+    index: str | None = None
 
     @classmethod
     def from_manifest(cls, root: str | os.PathLike, shards: Mapping[str, Any]) -> "ShardPaths":
-        """From a bundle root and its ``ModelEntry.shards`` ({"embed", "layers", "head"}; an
-        entry of "layers" is one path, or a list of the paths of that layer's parts)."""
+        """From a bundle root and its ``ModelEntry.shards`` ({"embed", "layers", "head"}, and
+        "stream_index" when the export wrote one; an entry of "layers" is one path, or a list of
+        the paths of that layer's parts)."""
         root = Path(root)
         try:
             layers = tuple((root / p,) if isinstance(p, str) else tuple(root / q for q in p)
                            for p in shards["layers"])
             if any(not parts for parts in layers):
                 raise TypeError
-            return cls(root / shards["embed"], layers, root / shards["head"])
-        except (KeyError, TypeError):
+            index = shards.get("stream_index")
+            if index is not None and not isinstance(index, str):
+                raise TypeError
+            return cls(root / shards["embed"], layers, root / shards["head"], root, index)
+        except (KeyError, TypeError, AttributeError):
             raise BundleError(f"{root}: manifest 'shards' must have 'embed', 'layers' (a path or a "
-                              f"list of paths per layer) and 'head', got {shards!r}") from None
+                              f"list of paths per layer), 'head' and optionally 'stream_index' (a path), "
+                              f"got {shards!r}") from None
 
     @property
     def layer_files(self) -> tuple[Path, ...]:
@@ -164,17 +173,27 @@ class StreamingRunner(ModelRunner):
 
     # -- set-up ------------------------------------------------------------------------
     def _load_graphs(self, shards: ShardPaths, threads: int) -> None:
-        """Rewritten shard graphs (no weights read) and the sessions they share."""
-        embed = load_shard_graph(shards.embed)
-        self._gather_w = row_gather_weight(embed)
-        if self._gather_w is not None:
-            embed = load_shard_graph(shards.embed, frozenset({self._gather_w}))
-        head = load_shard_graph(shards.head)
-        self._split = split_head(head)
+        """Rewritten shard graphs (no weights read) and the sessions they share: from the
+        bundle's stream index when it has one, else rewritten here (needs onnx)."""
+        head_mm: bytes | None = None
+        if shards.index is not None and shards.root is not None:
+            index = load_stream_index(shards.root, shards.index)
+            embed = index.embed_rows or index.shard(shards.root, shards.embed)
+            self._gather_w = index.gather_weight
+            head = index.shard(shards.root, shards.head)
+            self._split, head_mm = index.head_split, index.head_matmul
+            self._layers = [[index.shard(shards.root, p) for p in parts] for parts in shards.layers]
+        else:
+            embed = load_shard_graph(shards.embed)
+            self._gather_w = row_gather_weight(embed)
+            if self._gather_w is not None:
+                embed = load_shard_graph(shards.embed, frozenset({self._gather_w}))
+            head = load_shard_graph(shards.head)
+            self._split = split_head(head)
+            # per layer its shard graphs (one, or its parts: export/onnx_shards.py ``split``)
+            self._layers = [[load_shard_graph(p) for p in parts] for parts in shards.layers]
         self._chunk_w = self._split.weight if self._split else None
         self._embed, self._head = embed, head
-        # per layer its shard graphs (one, or its parts: export/onnx_shards.py ``split``)
-        self._layers = [[load_shard_graph(p) for p in parts] for parts in shards.layers]
         # planner part names: layer.{i} for a layer of one shard, layer.{i}.{j} for its parts
         self._part_names = [[f"layer.{i}"] if len(parts) == 1 else [f"layer.{i}.{j}" for j in range(len(parts))]
                             for i, parts in enumerate(self._layers)]
@@ -195,7 +214,7 @@ class StreamingRunner(ModelRunner):
         if self._split is not None:
             self._pre = self._session("head.pre", self._split.pre, head.path)
             self._tail = self._session("head.tail", self._split.tail, head.path) if self._split.tail else None
-            self._head_mm = self._session("head.matmul", head_matmul_graph(self._split.layout), head.path)
+            self._head_mm = self._session("head.matmul", head_mm or head_matmul_graph(self._split.layout), head.path)
 
     def _make_parts(self, head_chunk_bytes: int | None) -> tuple[list[Part], int]:
         """The planner's parts (embed, layers, head or head row slices); also returns the
