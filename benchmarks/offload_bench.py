@@ -62,6 +62,9 @@ def prepare(work: Path, draft_spec: str = "int4,affine,head=int8", split: str = 
     manifest = load_manifest(bundle, verify=False)
     if not manifest.models["target"].shards:
         raise SystemExit(f"{bundle}: the bundle has no target shards (export with shards=True)")
+    if "stream_index" not in manifest.models["target"].shards:  # exported before the index existed
+        _add_stream_index(bundle)
+        manifest = load_manifest(bundle, verify=False)
     gguf = work / "smollm2-135m-f32.gguf"
     if not gguf.is_file():
         import ctypes
@@ -101,6 +104,23 @@ def _add_shards(bundle: Path, split: str) -> None:
                               bundle / "target" / "layers", split=split)
     m = load_manifest(bundle, verify=False)
     target = dataclasses.replace(m.models["target"], shards=info.to_manifest(bundle))
+    write_manifest(bundle, dataclasses.replace(m, models={**m.models, "target": target},
+                                               files=file_entries(bundle)))
+
+
+def _add_stream_index(bundle: Path) -> None:
+    """Write the stream index (runtime/shard_graphs.py) of an existing sharded bundle, as the
+    export now does, so that the streamed runs need no onnx import."""
+    from edgeinfer.bundle import file_entries, load_manifest, write_manifest
+    from edgeinfer.runtime.shard_graphs import write_stream_index
+    from edgeinfer.runtime.streaming import ShardPaths
+
+    m = load_manifest(bundle, verify=False)
+    t = m.models["target"]
+    paths = ShardPaths.from_manifest(bundle, t.shards)
+    rel = write_stream_index(bundle, paths.embed, list(paths.layer_files), paths.head,
+                             bundle / "target" / "layers" / "stream")
+    target = dataclasses.replace(t, shards={**t.shards, "stream_index": rel})
     write_manifest(bundle, dataclasses.replace(m, models={**m.models, "target": target},
                                                files=file_entries(bundle)))
 
@@ -156,17 +176,6 @@ def work_llama(a: argparse.Namespace, prompt: list[int]) -> dict:
             "prefill_s": t_first - t0}
 
 
-def _runner(a: argparse.Namespace, reserve: int = 0):
-    from edgeinfer.bundle import load_manifest
-    from edgeinfer.runtime.streaming import ShardPaths, StreamingRunner
-
-    manifest = load_manifest(a.bundle, verify=False)
-    entry = manifest.models["target"]
-    return manifest, StreamingRunner(ShardPaths.from_manifest(a.bundle, entry.shards), entry.spec,
-                                     a.budget or None, max_context=a.ctx, threads=a.threads,
-                                     max_nodes=a.nodes + 1, reserve=reserve)  # longer prefills run in chunks
-
-
 def _pass_stats(runner, skip: int = 1) -> dict:
     ps = runner.passes[skip:]
     if not ps:
@@ -183,10 +192,17 @@ def _pass_stats(runner, skip: int = 1) -> dict:
 
 
 def work_plain(a: argparse.Namespace, prompt: list[int]) -> dict:
+    """Loaded as the tree runs are (``edgeinfer.load(memory_budget=...)``, its tokenizer
+    included, no draft model), then decoded on the streamed target runner itself, so that the
+    margin of every greedy choice is known (the near-tie rule)."""
     import numpy as np
 
+    import edgeinfer
+
     t0 = time.perf_counter()
-    _, runner = _runner(a)
+    engine = edgeinfer.load(a.bundle, memory_budget=a.budget or "auto", max_context=a.ctx, threads=a.threads,
+                            offload_tree_nodes=a.nodes, verify_checksums=False, drafters=())
+    runner = engine.target
     logits = runner.forward(prompt, logits_index=[len(prompt) - 1])
     runner.commit(np.arange(len(prompt)))
     tokens, gaps, t_first = [], [], time.perf_counter()
