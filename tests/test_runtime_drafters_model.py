@@ -398,7 +398,7 @@ def test_ngram_lookahead_gate_learns_and_explores():
 
 
 @pytest.mark.parametrize("kw", [{"max_guesses": 0}, {"min_ngram": 0}, {"min_ngram": 3, "max_ngram": 2},
-                                {"decay": 0}, {"prior": (3.0, 2.0)}])
+                                {"decay": 0}, {"prior": (3.0, 2.0)}, {"margin": -1.0}])
 def test_ngram_lookahead_rejects_bad_settings(kw):
     from edgeinfer.errors import ConfigError
 

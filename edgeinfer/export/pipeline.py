@@ -229,9 +229,8 @@ def _write_model(stage: Path, role: str, ckpt: Checkpoint, spec: ModelSpec, reci
                             options=options)
     shards = None
     if config.shards and role == "target":
-        from .onnx_shards import build_layer_shards
-
         from ..runtime.shard_graphs import write_stream_index
+        from .onnx_shards import build_layer_shards
 
         shard_info = build_layer_shards(spec, get, recipe, stage / role / "layers",
                                         progress=stage_progress("shards"), split=config.shard_split)

@@ -49,7 +49,8 @@ class NgramLookahead:
     """See the module docstring. ``max_guesses``: longest guessed chain per forward;
     ``decay``: weight of the past in a match rate (per forward that fed that guess); ``prior``:
     (matches, trials) every rate starts from; ``cost_ratio``: the starting estimate of an
-    extra node's cost relative to a one-node step (kept fixed with ``adapt_cost=False``)."""
+    extra node's cost relative to a one-node step (kept fixed with ``adapt_cost=False``);
+    ``margin``: a guess is fed while its rate exceeds ``margin * cost_ratio``."""
 
     def __init__(self, max_guesses: int = 3, max_ngram: int = 4, min_ngram: int = 1,
                  decay: float = 0.98, prior: tuple[float, float] = (1.0, 2.0),
@@ -58,9 +59,9 @@ class NgramLookahead:
         if max_guesses < 1 or not 1 <= min_ngram <= max_ngram:
             raise ConfigError(f"NgramLookahead: need max_guesses >= 1 and 1 <= min_ngram <= max_ngram, "
                               f"got {max_guesses!r}, {min_ngram!r}, {max_ngram!r}")
-        if not 0 < decay <= 1 or not 0 <= prior[0] <= prior[1] or prior[1] <= 0:
-            raise ConfigError(f"NgramLookahead: need 0 < decay <= 1 and 0 <= matches <= trials (> 0) "
-                              f"in the prior, got {decay!r}, {prior!r}")
+        if not 0 < decay <= 1 or not 0 <= prior[0] <= prior[1] or prior[1] <= 0 or margin < 0:
+            raise ConfigError(f"NgramLookahead: need 0 < decay <= 1, 0 <= matches <= trials (> 0) "
+                              f"in the prior and margin >= 0, got {decay!r}, {prior!r}, {margin!r}")
         self.max_guesses, self.max_ngram, self.min_ngram = max_guesses, max_ngram, min_ngram
         self.decay, self.prior, self.explore_every = decay, prior, max(1, explore_every)
         self.cost_ratio, self.adapt_cost, self.margin = float(cost_ratio), adapt_cost, float(margin)
