@@ -14,6 +14,7 @@ import pytest
 from edgeinfer.errors import MemoryBudgetError, ShardError
 from edgeinfer.quant.recipe import QuantRecipe
 from edgeinfer.runtime import shard_io
+from edgeinfer.runtime.memory import current_usage
 from edgeinfer.runtime.streaming import ShardPaths, StreamingRunner
 
 from runtime_models import build_tiny_onnx, random_weights, raw_greedy, raw_logits, same_or_near_tie, tiny_spec
@@ -467,3 +468,44 @@ def test_stream_index_errors_name_the_file(model, tmp_path, damage, message):
     with pytest.raises(ShardError, match=message) as err:
         runner(spec, shards, streaming_budget(spec, shards0))
     assert str(tmp_path) in str(err.value)
+
+
+def test_guard_streams_resident_parts_when_the_process_outgrows_the_plan(model):
+    """Memory the plan did not foresee (here an array the test holds) makes the guard drop the
+    lowest-priority resident parts and stream them, with the same logits as before."""
+    spec, _, shards = model
+    ref = runner(spec, shards)  # everything resident
+    budget = streaming_budget(spec, shards)  # about half of the layers resident
+    r = runner(spec, shards, budget, guard=True)
+    off = runner(spec, shards, budget)  # the same plan without the guard
+    resident0 = list(r.plan.resident)
+    assert sum(n.startswith("layer.") for n in resident0) >= 2 and r.plan.streamed
+    prompt = [1, 2, 3, 4, 5]
+    for x in (ref, r, off):
+        x.forward(prompt)
+        x.commit(range(5))
+    assert r.demoted == []  # within the plan: nothing changes
+    # grow the process by what brings the plan's figure to the guard's line plus 1.5 parts
+    part = max(r._parts[n].nbytes for n in resident0 if n.startswith("layer."))
+    line = r.budget.bytes - r.plan.breakdown["margin"] // 2
+    hog = np.ones(line - r._planned_loaded - (current_usage() - r._usage_loaded) + int(1.5 * part), dtype=np.uint8)
+    for tok in (7, 9, 11):
+        want = ref.forward([tok])
+        np.testing.assert_array_equal(r.forward([tok]), want)
+        np.testing.assert_array_equal(off.forward([tok]), want)
+        for x in (ref, r, off):
+            x.commit([0])
+    freed = sum(r._parts[n].nbytes for n in r.demoted)
+    assert 1.5 * part <= freed and set(r.demoted) <= set(resident0) and off.demoted == []
+    assert all(n not in r.plan.resident and n in r.plan.streamed for n in r.demoted)
+    assert r.plan.resident_bytes == off.plan.resident_bytes - sum(r._parts[n].nbytes for n in r.demoted)
+    rep = r.memory_report()
+    assert rep["demoted"] == r.demoted and rep["planned_peak"] <= rep["budget"]
+    # the lowest-priority parts go first (the planner's order from its end), no more than needed
+    fits = len(r._ring.bufs[0])  # a demoted part streams through the ring's buffers
+    order = [n for n in r._priority if n in resident0 and r._parts[n].nbytes <= fits]
+    assert r.demoted == order[::-1][:len(r.demoted)]
+    assert freed - r._parts[r.demoted[-1]].nbytes < 1.5 * part + 64 * KiB
+    del hog
+    for x in (ref, r, off):
+        x.close()

@@ -82,7 +82,7 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         available["model"], runners["draft"] = (ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead)),
                                                 draft)
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
-                             max_nodes=nodes, reserve=reserve)
+                             max_nodes=nodes, reserve=reserve, guard=True)
     from .drafters.ngram import NgramDrafter
     from .drafters.recycle import RecyclingDrafter
 

@@ -216,6 +216,14 @@ class StreamRing:
         self.next_use += 1
         self._schedule(g + self.k)
 
+    def set_parts(self, parts: list[StreamPart]) -> None:
+        """A new pass order (e.g. a resident part now streams), in the same buffers: every
+        part must fit them. Pending loads are dropped; the next acquire is the first part."""
+        if not parts or max(p.nbytes for p in parts) > len(self.bufs[0]):
+            raise ValueError("StreamRing.set_parts: a part does not fit the ring's buffers")
+        self.parts = parts
+        self.restart()
+
     def restart(self) -> None:
         """Back to the start of a pass (after an error): drop every pending load."""
         for f in self.futures.values():

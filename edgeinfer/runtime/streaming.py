@@ -25,6 +25,7 @@ whole head is needed. ``passes`` holds per-pass figures; ``plan`` says what is r
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import deque
@@ -39,8 +40,8 @@ from ..errors import BundleError, ConfigError
 from ..spec import ModelSpec
 from .kvcache import KVCache
 from .memory import current_usage, resolve_budget, return_freed_memory
-from .offload import (FixedCosts, OffloadPlan, Part, activation_bytes, kv_bytes, plan_offload,
-                      safety_margin)
+from .offload import (FixedCosts, OffloadPlan, Part, activation_bytes, default_priority, kv_bytes,
+                      plan_offload, safety_margin)
 from .providers import CPU, STOP_SPINNING, ProviderReport
 from .session import ModelRunner
 from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph, load_shard_graph,
@@ -125,15 +126,17 @@ class StreamingRunner(ModelRunner):
     flips too; measured: plain streaming at a 2x cap 4.1 -> 2.5 tokens/s on 2 cores).
     ``gather_cache_rows``: embedding rows kept after a streamed embedding's row reads (a miss
     is one O_DIRECT read of a few KiB; 256 rows of SmolLM2 are 0.6 MiB, 1024 were 2.3 MiB of a
-    budget where the prefetch buffer needs 3.4). Raises MemoryBudgetError before reading any
-    weight if the budget is too small."""
+    budget where the prefetch buffer needs 3.4). ``guard``: after each pass, stream resident
+    parts instead while the process has grown past the plan (``_guard``; ``demoted`` lists
+    them); edgeinfer.load turns it on. Raises MemoryBudgetError before reading any weight if
+    the budget is too small."""
 
     def __init__(self, shards: ShardPaths, spec: ModelSpec, budget: int | str | None = None, *,
                  max_context: int | None = None, threads: int = 0, max_nodes: int = 64,
                  reserve: int = 0, priority: Sequence[str] | None = None, verify: str = "stat",
                  direct_io: bool = True, head_chunk_bytes: int | None = None, gather_cache_rows: int = 256,
                  kv_block: int = 64, baseline: int | None = None, prefetch: bool | None = None,
-                 name: str = "target") -> None:
+                 guard: bool = False, name: str = "target") -> None:
         self.spec, self.name = spec, name
         self.max_context = int(max_context or min(spec.max_position, 4096))
         if len(shards.layers) != spec.num_layers:
@@ -164,12 +167,21 @@ class StreamingRunner(ModelRunner):
                            + self._tail_bytes(max_nodes),
                            margin=safety_margin(self.budget.bytes))
         self.plan: OffloadPlan = plan_offload(parts, self.budget.bytes, fixed, priority, gather_bytes)
+        self._priority = list(priority) if priority is not None else default_priority(parts)
         self._load_weights()
         self._rows = None if self._gather_w is None else RowReader(
             self.reader, self._embed.data_path, next(r for r in self._embed.tensors if r.input_name == self._gather_w),
             self._parts["embed"].stamp, gather_cache_rows)
         self.cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_context,
                              block=kv_block, dtype=np.float32)
+        # The memory guard (``guard``): what the process holds now, against what the plan
+        # expects to be in memory at this point (the baseline without the caller's reserve, and
+        # the resident weights); later growth beyond the plan's lazily filled items is measured
+        # from here (see _guard).
+        self.guard = guard
+        self.demoted: list[str] = []  # resident parts the guard turned into streamed ones
+        self._usage_loaded = current_usage()
+        self._planned_loaded = fixed.baseline - reserve + self.plan.resident_bytes
 
     # -- set-up ------------------------------------------------------------------------
     def _load_graphs(self, shards: ShardPaths, threads: int) -> None:
@@ -258,11 +270,13 @@ class StreamingRunner(ModelRunner):
             if big is not None:
                 self._common[g.signature] = self._load_small(g, exclude=big)
         self._resident: dict[str, dict[str, np.ndarray]] = {}
+        self._resident_bufs: dict[str, Any] = {}
         for name in self.plan.resident:
             p = self._parts[name]
             buf = aligned_buffer(p.nbytes)
             self.reader.read(p.graph.data_path, p.start, p.end, buf, p.stamp)
             self._keep.append(buf)
+            self._resident_bufs[name] = buf
             self._resident[name] = self._views(p, buf)
         streamed = [self._parts[n] for n in self.plan.streamed if not (n == "embed" and self._gather_w)]
         checksum = self.verify == "crc32"
@@ -390,9 +404,58 @@ class StreamingRunner(ModelRunner):
         wall = time.perf_counter() - t_start
         self.forward_calls += 1
         self.forward_seconds += wall
-        self.passes.append(PassStats(n, int(st["bytes"]), st["io"], st["compute"], st["stall"], wall,
-                                     current_usage()))
+        usage = current_usage()
+        self.passes.append(PassStats(n, int(st["bytes"]), st["io"], st["compute"], st["stall"], wall, usage))
+        if self.guard:
+            self._guard(usage)
         return logits
+
+    def _guard(self, usage: int) -> None:
+        """Stream resident parts instead once the process has grown past the plan.
+
+        The plan counts what it can foresee (KV cache, pass buffers, the streaming pool), and
+        the margin covers the rest; but measured under a 128 MiB cap, the first streamed Token
+        Recycling generation grew ~16 MiB beyond the plan (native allocations that then stay),
+        and at the cap the kernel evicts the process's code pages: decoding slowed 2.5-9x. So,
+        between passes: if the usage, counted from the plan's own figure at load, passes the
+        budget less half the margin, the lowest-priority resident parts are dropped from memory
+        and stream from then on, until the plan's peak is back under that line."""
+        ring = self._ring
+        if ring is None:  # nothing streams: no pool to stream a demoted part through
+            return
+        margin = self.plan.breakdown.get("margin", 0)
+        # in the plan's terms: what it expected in memory after loading, plus the measured growth
+        excess = self._planned_loaded + (usage - self._usage_loaded) - (self.budget.bytes - margin // 2)
+        if excess <= 0:
+            return
+        size = len(ring.bufs[0])
+        order = [n for n in reversed(self._priority) if n in self._resident and self._parts[n].nbytes <= size]
+        freed, dropped = 0, []
+        for name in order:
+            if freed >= excess:
+                break
+            del self._resident[name]
+            buf = self._resident_bufs.pop(name)
+            self._keep = [b for b in self._keep if b is not buf]
+            try:
+                buf.close()  # gives the pages back now (no view of it is left)
+            except BufferError:  # a view still exists: the pages go when it does
+                pass
+            freed += self._parts[name].nbytes
+            dropped.append(name)
+        if not dropped:
+            return
+        self.demoted += dropped
+        names = list(self._parts)
+        resident = tuple(n for n in self.plan.resident if n not in dropped)
+        streamed = tuple(n for n in names if n not in resident)
+        breakdown = dict(self.plan.breakdown)
+        breakdown["resident weights"] = breakdown.get("resident weights", 0) - freed
+        self.plan = dataclasses.replace(
+            self.plan, resident=resident, streamed=streamed, resident_bytes=self.plan.resident_bytes - freed,
+            streamed_bytes=self.plan.streamed_bytes + freed, breakdown=breakdown)
+        ring.set_parts([self._parts[n] for n in streamed if not (n == "embed" and self._gather_w)])
+        self._planned_loaded -= freed
 
     def _forward_chunked(self, ids: np.ndarray, logits_index: Sequence[int] | np.ndarray | None) -> np.ndarray:
         n, step = ids.size, self.max_nodes
@@ -536,7 +599,8 @@ class StreamingRunner(ModelRunner):
         return {"budget": self.budget.bytes, "budget_source": self.budget.source,
                 "planned_peak": self.plan.peak_bytes, "breakdown": dict(self.plan.breakdown),
                 "resident": list(self.plan.resident), "streamed": list(self.plan.streamed),
-                "streamed_bytes_per_pass": self.plan.streamed_bytes, "usage_now": current_usage()}
+                "streamed_bytes_per_pass": self.plan.streamed_bytes, "usage_now": current_usage(),
+                "demoted": list(self.demoted)}
 
     def close(self) -> None:
         if self._ring is not None:
