@@ -174,14 +174,16 @@ class StreamingRunner(ModelRunner):
             self._parts["embed"].stamp, gather_cache_rows)
         self.cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.max_context,
                              block=kv_block, dtype=np.float32)
-        # The memory guard (``guard``): what the process holds now, against what the plan
-        # expects to be in memory at this point (the baseline without the caller's reserve, and
-        # the resident weights); later growth beyond the plan's lazily filled items is measured
-        # from here (see _guard).
+        # The memory guard (``guard``, see _guard). With a measured baseline the process's usage
+        # is compared with the budget as it is. With a given one (a caller planning from its
+        # own figure, e.g. a test's zero) the usage counts from what the plan expects in memory
+        # now (that baseline less the caller's reserve, plus the resident weights), growing by
+        # what the process grows from here.
         self.guard = guard
         self.demoted: list[str] = []  # resident parts the guard turned into streamed ones
         self._usage_loaded = current_usage()
-        self._planned_loaded = fixed.baseline - reserve + self.plan.resident_bytes
+        self._planned_loaded = (self._usage_loaded if baseline is None
+                                else fixed.baseline - reserve + self.plan.resident_bytes)
 
     # -- set-up ------------------------------------------------------------------------
     def _load_graphs(self, shards: ShardPaths, threads: int) -> None:
@@ -417,9 +419,9 @@ class StreamingRunner(ModelRunner):
         the margin covers the rest; but measured under a 128 MiB cap, the first streamed Token
         Recycling generation grew ~16 MiB beyond the plan (native allocations that then stay),
         and at the cap the kernel evicts the process's code pages: decoding slowed 2.5-9x. So,
-        between passes: if the usage, counted from the plan's own figure at load, passes the
-        budget less half the margin, the lowest-priority resident parts are dropped from memory
-        and stream from then on, until the plan's peak is back under that line."""
+        between passes: if the usage (as __init__ describes) passes the budget less half the
+        margin, the lowest-priority resident parts that fit the streaming buffers are dropped
+        from memory and stream from then on, as many as bring it back under that line."""
         ring = self._ring
         if ring is None:  # nothing streams: no pool to stream a demoted part through
             return
