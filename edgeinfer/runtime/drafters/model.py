@@ -113,7 +113,9 @@ class ModelDrafter:
         self.reuse_kv, self.max_children, self.scratch_limit = reuse_kv, max_children, scratch_limit
         self.lookahead = lookahead
         self._budget: TreeBudget | None = None  # of the current propose (None while speculating)
-        self._ctx_arr = np.zeros(0, dtype=np.int64)  # the rooted context, for the guesses
+        # the rooted context as an array, for the guesses: made on first use after each sync
+        # (a proposal without lookahead never converts the context)
+        self._ctx_arr: np.ndarray | None = None
         self.trace: list[tuple[str, float, float]] | None = None  # (kind, start, end) per forward
         # spec_hits: re-rooted at a speculated node (tree start reused); spec_kv_hits: speculated
         # K/V committed (the verified context ran into, but not through, the speculation)
@@ -189,8 +191,7 @@ class ModelDrafter:
                     and len(self._slot_tok) <= self.scratch_limit):
                 self.stats["reroots"] += v != 0
                 self.stats["spec_hits"] += store.spec[v]
-                self._store, self._ctx = store.subtree(v), ctx
-                self._ctx_arr = np.asarray(ctx, dtype=np.int64)
+                self._store, self._ctx, self._ctx_arr = store.subtree(v), ctx, None
                 self._marks = [len(self._store)]
                 return
             # Deepest expanded node on the matched path that is not the new root.
@@ -212,9 +213,10 @@ class ModelDrafter:
             if lcp < len(self._committed):
                 self.runner.truncate(lcp)
                 del self._committed[lcp:]
-        self._ctx_arr = np.asarray(ctx, dtype=np.int64)
+        self._ctx_arr = None
         run = ctx[lcp:]
-        k, guess = self._guesses(self._ctx_arr, budget.max_depth - 1, len(run))
+        k, guess = (self._guesses(self._context_array(ctx), budget.max_depth - 1, len(run))
+                    if self.lookahead is not None else (0, []))
         base = len(self._slot_tok)
         logits = self._forward("catchup", run + guess, None, logits_from=len(run) - 1)
         self._store, self._ctx = _Store(ctx[-1], base + len(run) - 1), ctx
@@ -272,7 +274,13 @@ class ModelDrafter:
         while node > 0:
             path.append(store.tok[node])
             node = store.par[node]
-        return path_text(self._ctx_arr, path[::-1])
+        return path_text(self._context_array(self._ctx), path[::-1])
+
+    def _context_array(self, ctx: list[int]) -> np.ndarray:
+        """``ctx`` (the context being rooted) as int64, converted once per sync."""
+        if self._ctx_arr is None:
+            self._ctx_arr = np.asarray(ctx, dtype=np.int64)
+        return self._ctx_arr
 
     def _guesses(self, text: np.ndarray, depth_left: int, run: int) -> tuple[int, list[int]]:
         """Guessed tokens to run after ``text`` in a forward of ``run`` other tokens (none
@@ -429,4 +437,4 @@ class ModelDrafter:
         """Forget the tree and the cache (a new conversation)."""
         self.runner.truncate(0)
         self._committed, self._slot_tok, self._slot_par = [], [], []
-        self._ctx, self._store, self._exported = None, None, []
+        self._ctx, self._store, self._exported, self._ctx_arr = None, None, [], None
