@@ -127,6 +127,35 @@ def test_pipelined_speculation_is_lossless_and_overlaps(tiny, drafter):
     assert overlap > 0  # the draft ran while the target verified
 
 
+class _CountingRunner(ModelRunner):
+    """The target, counting at every pass the VerifyResults still alive (each holds its pass's
+    logits, [nodes, vocab]: a streamed target's budget counts only the one being computed)."""
+
+    alive_at_pass: list[int]
+
+    def forward(self, tokens, parents=None, logits_index=None):
+        import gc
+
+        from edgeinfer.runtime.verify import VerifyResult
+
+        gc.collect()
+        self.alive_at_pass.append(sum(isinstance(o, VerifyResult) for o in gc.get_objects()))
+        return super().forward(tokens, parents, logits_index)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_no_earlier_verification_outlives_into_the_next_pass(tiny, pipeline):
+    spec, d, ref, gaps = tiny
+    eng = make_engine(tiny)
+    target = _CountingRunner(d / "target.onnx", spec, threads=1, max_context=128, kv_block=16, name="target")
+    target.alive_at_pass = []
+    eng.target, eng.pipeline = target, pipeline
+    r = eng.generate(PROMPT, max_new_tokens=N, mode="tree", drafter="recycle" if not pipeline else "model")
+    assert same_or_near_tie(r.tokens, ref, gaps)
+    assert r.stats.verifications > 3 and len(target.alive_at_pass) > 3
+    assert max(target.alive_at_pass) == 0, target.alive_at_pass
+
+
 def test_max_new_tokens_and_context_end(tiny):
     _, _, ref, gaps = tiny
     eng = make_engine(tiny, max_context=len(PROMPT) + 20)

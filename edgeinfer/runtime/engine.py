@@ -436,6 +436,7 @@ class Engine:
                         gate.record_round(now() - t_step, len(result.tokens), arm.name)
                         stats.auto_rounds[arm.name] = stats.auto_rounds.get(arm.name, 0) + 1
                 batch = result.tokens
+                result = None  # its logits ([nodes, vocab]) must not outlive this round into the next pass
                 context.extend(batch)
                 produced += len(batch)
                 yield batch
