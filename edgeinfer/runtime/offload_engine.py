@@ -81,13 +81,15 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         trim_heap()  # what session creation and pre-packing freed
         available["model"], runners["draft"] = (ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead)),
                                                 draft)
-    runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
-                             max_nodes=nodes, reserve=reserve, guard=True)
     from .drafters.ngram import NgramDrafter
     from .drafters.recycle import RecyclingDrafter
 
+    # before the target is planned, so that its measured baseline holds them (Token Recycling's
+    # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size)
+    runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
+                             max_nodes=nodes, reserve=reserve, guard=True)
     default = tuple(drafters) if drafters is not None else (("model",) if "model" in available else ("recycle",))
     if defaults is None:  # trees as large as a pass is planned for: verifying is I/O-bound here
         from .config import TreeBudget
