@@ -417,8 +417,9 @@ class StreamingRunner(ModelRunner):
 
         The plan counts what it can foresee (KV cache, pass buffers, the streaming pool), and
         the margin covers the rest; but measured under a 128 MiB cap, the first streamed Token
-        Recycling generation grew ~16 MiB beyond the plan (native allocations that then stay),
-        and at the cap the kernel evicts the process's code pages: decoding slowed 2.5-9x. So,
+        Recycling generation grew beyond the plan (the heap's free chunks that loading trimmed,
+        touched again by the passes' small allocations: +10-12 MiB that then stay), and at the
+        cap the kernel evicts the process's code pages: decoding slowed 2.5-9x. So,
         between passes: if the usage (as __init__ describes) passes the budget less half the
         margin, the lowest-priority resident parts that fit the streaming buffers are dropped
         from memory and stream from then on, as many as bring it back under that line."""
