@@ -230,7 +230,7 @@ def work_tree(a: argparse.Namespace, prompt: list[int]) -> dict:
     t0 = time.perf_counter()
     engine = edgeinfer.load(a.bundle, memory_budget=a.budget or "auto", max_context=a.ctx, threads=a.threads,
                             draft_threads=a.draft_threads, offload_tree_nodes=a.nodes, verify_checksums=False,
-                            pipeline_max_ahead=a.ahead, drafters=(a.drafter,))
+                            pipeline_max_ahead=a.ahead, drafters=tuple(a.drafter.split(",")))
     t_load = time.perf_counter() - t0
     fallback = FallbackConfig(enabled=a.policy != "fixed", policy="auto" if a.policy == "fixed" else a.policy)
     result = engine.generate(prompt, max_new_tokens=a.tokens, mode="tree", ignore_eos=True,
@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt")
     p.add_argument("--budget", default=None)
     p.add_argument("--drafter", default="model")
+    p.add_argument("--fallback-drafter", default="recycle,ngram",
+                   help="drafters (comma list, merged into one tree) of the tree method where the draft "
+                        "model does not fit (default: Token Recycling with prompt lookup, the streamed "
+                        "engine's own default then)")
+    p.add_argument("--prompt-key", default="story", choices=["story", "chat", "code", "summary", "longform"],
+                   help="the prompt: a short story (default) or one of edgeinfer bench's prompts")
     p.add_argument("--draft-threads", type=int, default=None,
                    help="intra-op threads of the resident draft (default: edgeinfer's own choice)")
     a = p.parse_args(argv)
@@ -332,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--cap-draft {item!r}: expected RATIO=SPEC, e.g. 1.6=int4,affine,head=int8")
         cap_drafts[float(ratio)] = spec
     infos = {spec: prepare(work, spec, a.shard_split) for spec in {a.draft, *cap_drafts.values()}}
+    if a.prompt_key != "story":
+        from edgeinfer.bench.prompts import PROMPTS
+        from edgeinfer.bundle import load_manifest
+        from edgeinfer.runtime.tokenizer import Tokenizer
+
+        for i in infos.values():
+            root = Path(i["bundle"])
+            i["prompt"] = Tokenizer.from_bundle(root, load_manifest(root, verify=False)).encode_chat(
+                [{"role": "user", "content": PROMPTS[a.prompt_key].text}])
     info = infos[a.draft]
     bw = disk_bandwidth(Path(info["bundle"]))
     print(f"disk read bandwidth (caches dropped): O_DIRECT {bw['o_direct_MBps']:.0f} MB/s, "
@@ -346,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             if method == "tree" and "MemoryBudgetError" in r.get("error", ""):
                 why = r["error"]
                 print(f"  {ratio:g}x cap {cap // MiB} MiB tree  : the draft does not fit ({why}); "
-                      "Token Recycling instead", flush=True)
-                r = run_one(method, cap, info, a, drafter="recycle", nodes=max(a.nodes, 48))
+                      f"{a.fallback_drafter} instead", flush=True)
+                r = run_one(method, cap, info, a, drafter=a.fallback_drafter, nodes=max(a.nodes, 48))
                 r["draft_refused"] = why
             r["ratio"] = ratio
             if method == "tree" and r.get("drafter", "model") == "model":

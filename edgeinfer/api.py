@@ -40,7 +40,8 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     verify_checksums, pipeline, pipeline_max_ahead, draft_lookahead, memory_budget,
     offload_tree_nodes). With
     ``memory_budget`` the target streams its layers from the bundle's shards. ``drafters``: the default drafter names for speculative modes
-    (default: "model" when the bundle has a draft model, otherwise plain decoding).
+    (default: "model" when the bundle has a draft model, otherwise plain decoding; a streamed
+    target without a draft model that fits: "recycle" and "ngram" merged into one tree).
     """
     known = {f.name for f in dataclasses.fields(EngineOptions)}
     unknown = sorted(set(option_overrides) - known)

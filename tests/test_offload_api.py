@@ -139,3 +139,17 @@ def test_streaming_needs_no_onnx_package(sharded):
             "print(len(r.tokens), 'onnx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["6", "False"]
+
+
+def test_streamed_engine_without_a_draft_model_merges_recycling_and_prompt_lookup(tiny_checkpoint, tmp_path):
+    """No draft model to keep resident: the streamed engine's trees come from Token Recycling and
+    prompt lookup merged into one tree, and decode exactly like the in-memory target."""
+    out = tmp_path / "nodraft"
+    export_bundle(ExportConfig(out=out, target=tiny_checkpoint("llama"), shards=True))
+    prompt = "the quick brown fox jumps over the lazy dog. the quick brown fox jumps"
+    ref = edgeinfer.load(out).generate(prompt, max_new_tokens=24, mode="plain")
+    eng = edgeinfer.load(out, memory_budget="2GB")
+    assert eng.default_drafters == ("recycle", "ngram")
+    r = eng.generate(prompt, max_new_tokens=24, mode="tree")
+    assert r.tokens == ref.tokens
+    assert r.stats.verifications > 0 and r.stats.mode == "tree"

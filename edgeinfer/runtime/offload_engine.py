@@ -90,7 +90,11 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     available["recycle"] = RecyclingDrafter(spec.vocab_size)
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve, guard=True)
-    default = tuple(drafters) if drafters is not None else (("model",) if "model" in available else ("recycle",))
+    # without a draft model: Token Recycling and prompt lookup merged into one tree (measured at a
+    # 128 MiB cap, 48 tokens: target passes 42 -> 32 on a chat prompt, 38 -> 25 on a code prompt
+    # and the same on a story, against Token Recycling alone; each pass streams the target)
+    default = (tuple(drafters) if drafters is not None
+               else ("model",) if "model" in available else ("recycle", "ngram"))
     if defaults is None:  # trees as large as a pass is planned for: verifying is I/O-bound here
         from .config import TreeBudget
 
