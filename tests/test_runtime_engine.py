@@ -364,3 +364,32 @@ def test_reset_drafters_forgets_token_recycling_tables_and_keeps_output(tiny):
     assert again.stats.accepted_tokens == cold.stats.accepted_tokens  # deterministic from a fresh table
     for r in (cold, warm, again):
         assert same_or_near_tie(r.tokens, ref, gaps)
+
+
+@pytest.mark.parametrize("drafter", ["recycle", ["ngram", "recycle"]])
+def test_token_recycling_learns_the_targets_topk_over_the_prompt(tiny, drafter):
+    """Hot start: the prefill gives Token Recycling the target's top-k after every prompt token
+    (checked against a full causal pass run directly in onnxruntime); plain decoding does not."""
+    spec, d, ref, gaps = tiny
+    eng = make_engine(tiny)
+    eng.prefill_chunk = 6  # several chunks
+    rec = eng.drafters["recycle"]
+    eng.generate(PROMPT, max_new_tokens=1, mode="plain")
+    assert (rec.adj == -1).all()
+    eng.generate(PROMPT, max_new_tokens=1, mode="tree", drafter=drafter)  # the prefill only
+    sess = ort.InferenceSession(str(d / "target.onnx"), providers=["CPUExecutionProvider"])
+    logits = raw_logits(sess, spec, PROMPT)
+    last = {t: i for i, t in enumerate(PROMPT)}  # a repeated token keeps its last position's row
+    for t, i in last.items():
+        row = logits[i]
+        order = np.argsort(-row, kind="stable")
+        want = order[:rec.k]
+        got = rec.adj[t]
+        # equal up to near-ties between neighbouring ranks (a batched pass rounds differently)
+        top = row[want]
+        for j in range(rec.k):
+            if got[j] != want[j]:
+                assert abs(row[got[j]] - top[j]) <= 1e-4 * max(1.0, abs(top[j])), (t, j)
+    assert (rec.adj[[t for t in range(spec.vocab_size) if t not in last]] == -1).all()
+    r = eng.generate(PROMPT, max_new_tokens=N, mode="tree", drafter=drafter)
+    assert same_or_near_tie(r.tokens, ref, gaps)

@@ -25,7 +25,7 @@ from .session import ModelRunner
 from .stats import GenerationStats, Trace, attach_drafter_trace, drafter_events
 from .tokenizer import StopMatcher, Tokenizer
 from .tree import TokenTree
-from .verify import VerifyResult, verify_greedy, verify_lossy, verify_sampling
+from .verify import VerifyResult, topk_rows, verify_greedy, verify_lossy, verify_sampling
 
 Prompt = Any  # str | list of {"role", "content"} | list of token ids
 
@@ -337,10 +337,22 @@ class Engine:
             return result
 
         runner.reset()
+        # a drafter that learns from the prompt (Token Recycling's hot start) gets the target's
+        # top-k after every prompt position: the prefill then computes all its rows' logits, in
+        # chunks of at most 64 tokens so that they stay small ([64, vocab] float32), and no
+        # larger than a streamed target's planned pass
+        learn_k = int(getattr(drafter, "prompt_topk", 0) or 0) if mode != "plain" else 0
+        chunk_size = (min(self.prefill_chunk, 64, getattr(runner, "max_nodes", 64)) if learn_k
+                      else self.prefill_chunk)
         t0 = now()
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            logits = runner.forward(chunk, logits_index=[len(chunk) - 1])
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start:start + chunk_size]
+            if learn_k:
+                logits = runner.forward(chunk)
+                drafter.observe_prompt(chunk, topk_rows(logits, learn_k))
+                logits = logits[-1:]
+            else:
+                logits = runner.forward(chunk, logits_index=[len(chunk) - 1])
             runner.commit(np.arange(len(chunk)))
         t1 = now()
         trace.record("prefill", "target", t0, t1, len(ids))

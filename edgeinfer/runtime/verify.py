@@ -47,21 +47,25 @@ class VerifyResult:
         """Target top-k token ids int64 [n + 1, k], best first; row 0 is after the root
         (``root_token``), row i + 1 after node i. Computed on first use (token recycling)."""
         if k not in self._topk:
-            x = self.logits
-            v, k_eff = x.shape[1], min(k, x.shape[1])
-            out = np.empty((x.shape[0], k_eff), dtype=np.int64)
-            # Row by row: a whole-array argpartition allocates int64 indices for every logit
-            # (19 MB for a 49-node SmolLM2 tree) just when a streamed target's budget is tight.
-            for i, row in enumerate(x):
-                part = np.argpartition(row, v - k_eff)[v - k_eff:]
-                out[i] = part[np.argsort(-row[part], kind="stable")]
-            self._topk[k] = out
+            self._topk[k] = topk_rows(self.logits, k)
         return self._topk[k]
 
     @property
     def topk_ids(self) -> np.ndarray:
         """``topk(DEFAULT_TOPK)``: [n + 1, k] with the root's row first (see ``root_token``)."""
         return self.topk(DEFAULT_TOPK)
+
+
+def topk_rows(logits: np.ndarray, k: int) -> np.ndarray:
+    """Top-k token ids of every row of ``logits`` [rows, vocab], best first: int64 [rows, k]."""
+    v, k_eff = logits.shape[1], min(k, logits.shape[1])
+    out = np.empty((logits.shape[0], k_eff), dtype=np.int64)
+    # Row by row: a whole-array argpartition allocates int64 indices for every logit
+    # (19 MB for a 49-node SmolLM2 tree) just when a streamed target's budget is tight.
+    for i, row in enumerate(logits):
+        part = np.argpartition(row, v - k_eff)[v - k_eff:]
+        out[i] = part[np.argsort(-row[part], kind="stable")]
+    return out
 
 
 def _children(tree: TokenTree) -> dict[int, list[int]]:

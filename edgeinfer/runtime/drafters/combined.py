@@ -99,6 +99,17 @@ class CombinedDrafter:
         steps = [t for t in (getattr(d, "step_seconds", None) for d in self.drafters) if t is not None]
         return max(steps) if steps else None
 
+    @property
+    def prompt_topk(self) -> int:
+        """The most any member learns from the prompt's top-k (0: none does)."""
+        return max((getattr(d, "prompt_topk", 0) for d in self.drafters), default=0)
+
+    def observe_prompt(self, tokens: Sequence[int], topk: Any) -> None:
+        for d in self.drafters:
+            k = getattr(d, "prompt_topk", 0)
+            if k:
+                d.observe_prompt(tokens, topk[:, :k])
+
     def observe(self, result: Any) -> None:
         for d in self.drafters:
             d.observe(result)

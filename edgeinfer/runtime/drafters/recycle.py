@@ -93,6 +93,17 @@ class RecyclingDrafter:
         tokens = np.asarray([result.root_token] + list(result.tree.tokens), dtype=np.int64)
         self.update(tokens, topk)
 
+    @property
+    def prompt_topk(self) -> int:
+        """How many of the target's top tokens after each prompt position it learns from (the
+        engine then computes the prefill's logits for every prompt position; observe_prompt)."""
+        return self.k
+
+    def observe_prompt(self, tokens: Sequence[int], topk: np.ndarray) -> None:
+        """Learn the target's top-k after each prompt token (a hot start: the table would
+        otherwise know only what this generation's own passes have shown it)."""
+        self.update(np.asarray(tokens, dtype=np.int64), topk)
+
     def propose(self, context: Sequence[int], budget: TreeBudget,
                 stop: StopFn | None = None) -> TokenTree:
         tree = TokenTree()
