@@ -338,18 +338,21 @@ class Engine:
 
         runner.reset()
         # a drafter that learns from the prompt (Token Recycling's hot start) gets the target's
-        # top-k after every prompt position: the prefill then computes all its rows' logits, in
-        # chunks of at most 64 tokens so that they stay small ([64, vocab] float32), and no
-        # larger than a streamed target's planned pass
+        # top-k after every prompt token: the prefill then computes the logits of each distinct
+        # token's last position, in chunks of at most 128 tokens so that they stay small
+        # ([128, vocab] float32, 25 MB for SmolLM2), and no larger than a streamed target's
+        # planned pass
         learn_k = int(getattr(drafter, "prompt_topk", 0) or 0) if mode != "plain" else 0
-        chunk_size = (min(self.prefill_chunk, 64, getattr(runner, "max_nodes", 64)) if learn_k
+        chunk_size = (min(self.prefill_chunk, 128, getattr(runner, "max_nodes", 128)) if learn_k
                       else self.prefill_chunk)
         t0 = now()
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start:start + chunk_size]
-            if learn_k:
-                logits = runner.forward(chunk)
-                drafter.observe_prompt(chunk, topk_rows(logits, learn_k))
+            if learn_k:  # the rows of each distinct token's last position (later rows win anyway)
+                last = {t: i for i, t in enumerate(chunk)}
+                rows = sorted(set(last.values()) | {len(chunk) - 1})
+                logits = runner.forward(chunk, logits_index=rows)
+                drafter.observe_prompt([chunk[i] for i in rows], topk_rows(logits, learn_k))
                 logits = logits[-1:]
             else:
                 logits = runner.forward(chunk, logits_index=[len(chunk) - 1])
