@@ -349,8 +349,7 @@ class Engine:
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start:start + chunk_size]
             if learn_k:  # the rows of each distinct token's last position (later rows win anyway)
-                last = {t: i for i, t in enumerate(chunk)}
-                rows = sorted(set(last.values()) | {len(chunk) - 1})
+                rows = sorted({t: i for i, t in enumerate(chunk)}.values())  # ends with len(chunk) - 1
                 logits = runner.forward(chunk, logits_index=rows)
                 drafter.observe_prompt([chunk[i] for i in rows], topk_rows(logits, learn_k))
                 logits = logits[-1:]

@@ -95,8 +95,9 @@ class RecyclingDrafter:
 
     @property
     def prompt_topk(self) -> int:
-        """How many of the target's top tokens after each prompt position it learns from (the
-        engine then computes the prefill's logits for every prompt position; observe_prompt)."""
+        """How many of the target's top tokens after each prompt token it learns from (the
+        engine's prefill then computes logits at each distinct token's last position;
+        observe_prompt)."""
         return self.k
 
     def observe_prompt(self, tokens: Sequence[int], topk: np.ndarray) -> None:
