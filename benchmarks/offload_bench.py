@@ -53,7 +53,7 @@ def prepare(work: Path, draft_spec: str = "int4,affine,head=int8", split: str = 
         draft = DraftFromTarget.parse(draft_spec)
         config = ExportConfig(out=bundle, target=default_model_path(), draft_from_target=draft,
                               target_recipe=QuantRecipe(WeightFormat.FP32), shards=True, shard_split=split,
-                              overwrite=True)
+                              overwrite=True, recycle_prior=True)
         try:
             export_bundle(config)
         except ImportError:  # an exporter that cannot write shards yet: add them here

@@ -87,9 +87,10 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
         available["model"] = ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead))
     from .runtime.drafters.ngram import NgramDrafter
     from .runtime.drafters.recycle import RecyclingDrafter
+    from .runtime.recycle_prior import load_bundle_prior
 
     available["ngram"] = NgramDrafter()
-    available["recycle"] = RecyclingDrafter(spec.vocab_size)
+    available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
     default = tuple(drafters) if drafters is not None else (("model",) if "model" in available else ())
     return Engine(target, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=draft_runners,

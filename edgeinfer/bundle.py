@@ -8,6 +8,7 @@ A bundle is a directory::
     target/model.onnx (+ model.onnx.data)   the tree-verifiable graph (DESIGN.md section 3)
     target/layers/...        optional per-layer shards for offloading
     target/model.gguf        optional, for llama.cpp
+    target/recycle_prior.i32 optional, Token Recycling's prior (runtime/recycle_prior.py)
     draft/...                the same for the draft
 
 The manifest is plain JSON so that a runtime in another language can read it. Every file it
@@ -61,6 +62,34 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class RecyclePriorEntry:
+    """Token Recycling's prior table (runtime/recycle_prior.py defines the file): ``file``
+    relative to the bundle root, ``k`` ids per vocabulary token, and the ``context`` (token ids)
+    every token was branched from when it was computed."""
+
+    file: str
+    k: int
+    context: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "k": self.k, "context": list(self.context)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "RecyclePriorEntry":
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected an object with 'file', 'k' and 'context'")
+        f, k, ctx = d.get("file"), d.get("k"), d.get("context")
+        if not isinstance(f, str) or not f:
+            raise BundleError(f"{where}.file: expected a relative path, got {f!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise BundleError(f"{where}.k: expected a positive integer, got {k!r}")
+        if not isinstance(ctx, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                for t in ctx):
+            raise BundleError(f"{where}.context: expected a list of token ids, got {ctx!r}")
+        return cls(f, k, tuple(ctx))
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One model (target or draft) of a bundle."""
 
@@ -71,6 +100,7 @@ class ModelEntry:
     shards: dict[str, Any] | None = None  # {"embed": path, "layers": [path or [paths]], "head": path}
     source: dict[str, Any] = field(default_factory=dict)  # {"name": basename, "format": "gguf"|"hf", ...}
     graph_inputs: tuple[str, ...] = ()  # names of the graph's non-KV inputs
+    recycle_prior: RecyclePriorEntry | None = None  # Token Recycling's prior (target only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +111,7 @@ class ModelEntry:
             "shards": self.shards,
             "source": self.source,
             "graph_inputs": list(self.graph_inputs),
+            **({"recycle_prior": self.recycle_prior.to_dict()} if self.recycle_prior else {}),
         }
 
     @classmethod
@@ -96,7 +127,9 @@ class ModelEntry:
             raise BundleError(str(e)) from None
         return cls(spec=spec, quant=dict(d["quant"]), onnx=d["onnx"], gguf=d.get("gguf"),
                    shards=d.get("shards"), source=dict(d.get("source") or {}),
-                   graph_inputs=tuple(d.get("graph_inputs") or ()))
+                   graph_inputs=tuple(d.get("graph_inputs") or ()),
+                   recycle_prior=None if d.get("recycle_prior") is None else
+                   RecyclePriorEntry.from_dict(d["recycle_prior"], f"{where}.recycle_prior"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +236,8 @@ def load_manifest(root: str | os.PathLike, verify: bool = True) -> Manifest:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from None
     manifest = Manifest.from_dict(data, where=str(mpath))
     listed = {f.path for f in manifest.files}
-    needed = [manifest.tokenizer_file] + [m.onnx for m in manifest.models.values() if m.onnx]
+    needed = ([manifest.tokenizer_file] + [m.onnx for m in manifest.models.values() if m.onnx]
+              + [m.recycle_prior.file for m in manifest.models.values() if m.recycle_prior])
     for rel in needed:
         if rel not in listed:
             raise BundleError(f"{mpath}: file {rel!r} is used but not listed in 'files'")

@@ -32,10 +32,11 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Bumped when exports of the same weights get a faster graph layout, so that bundles cached by
-# an older version (the demo's default bundle, the benchmark's) are re-exported instead of
-# reused (2: KV cache written in place by GroupQueryAttention).
-BUNDLE_LAYOUT_REVISION = 2
+# Bumped when exports of the same weights get a faster graph layout or new contents, so that
+# bundles cached by an older version (the demo's default bundle, the benchmark's) are
+# re-exported instead of reused (2: KV cache written in place by GroupQueryAttention; 3: Token
+# Recycling's prior stored with the target).
+BUNDLE_LAYOUT_REVISION = 3
 DEFAULT_BUNDLE_DIR = f"smollm2-135m-default-{BUNDLE_LAYOUT_REVISION}"  # edgeinfer demo's bundle
 
 

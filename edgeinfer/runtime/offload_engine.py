@@ -83,11 +83,12 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
                                                 draft)
     from .drafters.ngram import NgramDrafter
     from .drafters.recycle import RecyclingDrafter
+    from .recycle_prior import load_bundle_prior
 
     # before the target is planned, so that its measured baseline holds them (Token Recycling's
     # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
     available["ngram"] = NgramDrafter()
-    available["recycle"] = RecyclingDrafter(spec.vocab_size)
+    available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve, guard=True)
     # without a draft model: Token Recycling and prompt lookup merged into one tree (measured at a

@@ -9,6 +9,9 @@ Memory: vocab * k * 4 bytes (49152 x 8 -> 1.5 MiB). The table outlives a generat
 target said in one call drafts the next); ``forget`` empties it. Measured (SmolLM2, chains, 96
 tokens): 0.19-0.46 accepted tokens per verification on a prompt the table has not seen, 0.58-0.65
 on one it has seen generated before, which is why benchmarks reset it before every run.
+With a ``prior`` (runtime/recycle_prior.py: the target's top-k after every vocabulary token in
+a neutral context, stored in the bundle), rows start from it instead of empty, and ``forget``
+returns to it: a token the target has not run on yet drafts its prior row instead of nothing.
 
 The static shape is built once: the M root-to-node paths with the largest product of per-rank
 weights (a positional acceptance prior, rank 0 most likely), found greedily with a heap. A
@@ -59,13 +62,19 @@ class RecyclingDrafter:
     name = "recycle"
 
     def __init__(self, vocab_size: int, k: int = 8, shape_nodes: int = 64, shape_depth: int = 8,
-                 rank_weights: Sequence[float] = DEFAULT_RANK_WEIGHTS) -> None:
+                 rank_weights: Sequence[float] = DEFAULT_RANK_WEIGHTS, prior: np.ndarray | None = None) -> None:
         if vocab_size < 1 or not 1 <= k <= len(rank_weights):
             raise ConfigError(f"RecyclingDrafter: need vocab_size >= 1 and 1 <= k <= "
                               f"{len(rank_weights)} (rank weights given), got {vocab_size!r}, {k!r}")
+        if prior is not None and (prior.ndim != 2 or prior.shape[0] != vocab_size or prior.shape[1] < k):
+            raise ConfigError(f"RecyclingDrafter: a prior of shape {prior.shape} does not fit "
+                              f"vocab_size={vocab_size}, k={k}")
         self.vocab_size, self.k = vocab_size, k
         self.weights = tuple(float(w) for w in rank_weights[:k])
+        # the prior (often a read-only memory map of the bundle's file) is kept to forget back to
+        self.prior = None if prior is None else prior[:, :k]
         self.adj = np.full((vocab_size, k), -1, dtype=np.int32)
+        self.forget()
         self.shape = static_shape(shape_nodes, shape_depth, self.weights)
 
     @property
@@ -73,8 +82,11 @@ class RecyclingDrafter:
         return self.adj.nbytes
 
     def forget(self) -> None:
-        """Forget every recorded top-k (a fresh table, as after loading)."""
-        self.adj.fill(-1)
+        """Forget every recorded top-k (a fresh table, as after loading: the prior, or empty)."""
+        if self.prior is None:
+            self.adj.fill(-1)
+        else:
+            self.adj[:] = self.prior
 
     def update(self, tokens: np.ndarray, topk: np.ndarray) -> None:
         """adj[tokens[i]] = topk[i, :k] (later rows win on repeated tokens).
