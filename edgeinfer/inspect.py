@@ -32,6 +32,8 @@ class ModelInfo:
     # per-layer shards for offloading: layers, shards per layer, the largest shard's data bytes
     # (what a streaming pool must hold at once); None without shards
     shards: dict[str, int] | None = None
+    # Token Recycling's prior (bundle.RecyclePriorEntry): {"file", "k", "context"}; None without
+    recycle_prior: dict[str, Any] | None = None
     files: dict[str, int] = field(default_factory=dict)  # path -> bytes on disk
     tensors: list[TensorInfo] = field(default_factory=list)
 
@@ -82,6 +84,8 @@ def _inspect_bundle(path: Path, tensors: bool) -> InspectReport:
         info.files = {f.path: f.bytes for f in manifest.files if f.path.startswith(role + "/")}
         if entry.shards:
             info.shards = _shard_layout(entry.shards, info.files)
+        if entry.recycle_prior:
+            info.recycle_prior = entry.recycle_prior.to_dict()
         if entry.onnx and (path / entry.onnx).is_file():
             import onnx
 
@@ -146,7 +150,7 @@ def report_to_json(report: InspectReport) -> str:
         "models": [{
             "role": m.role, "arch": m.arch, "num_parameters": m.num_parameters,
             "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-            "quant": m.quant, "kv_layout": m.kv_layout, "shards": m.shards, "bytes_on_disk": m.bytes_on_disk,
+            "quant": m.quant, "kv_layout": m.kv_layout, "shards": m.shards, "recycle_prior": m.recycle_prior, "bytes_on_disk": m.bytes_on_disk,
             "files": m.files,
             "tensors": [{"name": t.name, "format": t.format, "shape": list(t.shape), "bytes": t.bytes}
                         for t in m.tensors],

@@ -134,11 +134,22 @@ def test_bad_prior_files_are_clear_errors(bundles, tmp_path):
         load_manifest(copy, verify=False)
 
 
-def test_cli_export_flag(tiny_checkpoint, tmp_path):
+def test_cli_export_flag_and_inspect(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main(["export", "--target", str(tiny_checkpoint("llama")), "--out", str(out), "--recycle-prior",
                      "--quiet"]) == 0
-    assert load_manifest(out).models["target"].recycle_prior is not None
+    entry = load_manifest(out).models["target"].recycle_prior
+    assert entry is not None
+    capsys.readouterr()
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    vocab = load_manifest(out).models["target"].spec.vocab_size
+    assert f"Token Recycling prior: the target's top-8 after each of its {vocab} tokens" in text
+    assert "target/recycle_prior.i32" in text
+    assert cli_main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][0]["recycle_prior"]["k"] == 8
+    with pytest.raises(ConfigError, match="recycle_prior"):
+        ExportConfig(out=tmp_path / "g", target=tiny_checkpoint("llama"), formats=("gguf",), recycle_prior=True)
     out2 = tmp_path / "cli2"
     assert cli_main(["export", "--target", str(tiny_checkpoint("llama")), "--out", str(out2), "--quiet"]) == 0
     assert load_manifest(out2).models["target"].recycle_prior is None

@@ -148,6 +148,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if m.shards:
             print(f"    shards for offloading: {m.shards['layers']} layers x {m.shards['shards_per_layer']} "
                   f"shard(s), the largest {_human_bytes(m.shards['largest_shard_bytes'])}")
+        if m.recycle_prior:
+            print(f"    Token Recycling prior: the target's top-{m.recycle_prior['k']} after each of its "
+                  f"{m.vocab_size} tokens ({len(m.recycle_prior['context'])}-token context), "
+                  f"{m.recycle_prior['file']}")
         shard_dir = f"{m.role}/layers/"
         in_dir = {p: b for p, b in m.files.items() if p.startswith(shard_dir)}
         for path, size in sorted(m.files.items()):

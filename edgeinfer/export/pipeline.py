@@ -112,6 +112,9 @@ class ExportConfig:
             raise ConfigError(f"formats: {bad or 'empty'} not allowed, expected a subset of {FORMATS}")
         if self.draft is not None and self.draft_from_target is not None:
             raise ConfigError("give either a draft checkpoint or --draft-from-target, not both")
+        if self.recycle_prior and "onnx" not in self.formats:
+            raise ConfigError("recycle_prior: computing the prior runs the target's ONNX graph; "
+                              "add onnx to the formats or leave the prior out")
         if self.shard_split not in SHARD_SPLITS:
             raise ConfigError(f"shard_split: {self.shard_split!r} is not one of {', '.join(SHARD_SPLITS)}")
 
