@@ -38,8 +38,8 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
     ``option_overrides``: any :class:`EngineOptions` field (draft_providers, threads,
     draft_threads, inter_op_threads, graph_optimization, max_context, kv_block,
     verify_checksums, pipeline, pipeline_max_ahead, draft_lookahead, memory_budget,
-    offload_tree_nodes). With
-    ``memory_budget`` the target streams its layers from the bundle's shards. ``drafters``: the default drafter names for speculative modes
+    offload_tree_nodes, offload_sampling_nodes). With ``memory_budget`` the target streams its
+    layers from the bundle's shards. ``drafters``: the default drafter names for speculative modes
     (default: "model" when the bundle has a draft model, otherwise plain decoding; a streamed
     target without a draft model that fits: "recycle" and "ngram" merged into one tree).
     """

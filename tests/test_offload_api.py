@@ -2,6 +2,7 @@
 decodes exactly like the in-memory target; a budget too small fails before loading."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import edgeinfer
@@ -153,3 +154,35 @@ def test_streamed_engine_without_a_draft_model_merges_recycling_and_prompt_looku
     r = eng.generate(prompt, max_new_tokens=24, mode="tree")
     assert r.tokens == ref.tokens
     assert r.stats.verifications > 0 and r.stats.mode == "tree"
+
+
+def test_streamed_greedy_passes_are_compact_and_sampling_trees_fit_full_logits(sharded):
+    """Greedy steps on a streamed target ask for each row's top-k only (verify.TopRows) and
+    decode the in-memory target's tokens; sampling and the lossy rollback read full logits,
+    so their trees stay within offload_sampling_nodes."""
+    from edgeinfer.runtime.verify import TopRows
+
+    prompt = "the quick brown fox"
+    ref = edgeinfer.load(sharded).generate(prompt, max_new_tokens=16, mode="plain")
+    eng = edgeinfer.load(sharded, memory_budget="2GB", offload_tree_nodes=20, offload_sampling_nodes=3)
+    assert eng.target.compact_logits and eng.target.full_logits_nodes == 4
+    seen: list = []
+    forward = eng.target.forward
+
+    def spy(*a, **kw):
+        out = forward(*a, **kw)
+        seen.append(out)
+        return out
+
+    eng.target.forward = spy
+    for drafter in ("model", "recycle", None):
+        seen.clear()
+        r = eng.generate(prompt, max_new_tokens=16, mode="plain" if drafter is None else "tree", drafter=drafter)
+        assert r.tokens == ref.tokens, drafter
+        assert seen and all(isinstance(o, TopRows) for o in seen), drafter
+    for kw in ({"temperature": 0.8, "seed": 3}, {"lossy_rollback": True, "rollback_threshold": 2.0}):
+        seen.clear()
+        r = eng.generate(prompt, max_new_tokens=16, mode="tree", drafter="model", ignore_eos=True, **kw)
+        assert len(r.tokens) == 16 and r.stats.verifications > 0
+        assert all(isinstance(o, np.ndarray) for o in seen)
+        assert max(e.tokens for e in r.stats.trace if e.phase == "verify") <= 4, kw

@@ -535,3 +535,63 @@ def test_guard_demotes_only_what_the_excess_needs(model):
     np.testing.assert_array_equal(r.forward([5]), ref.forward([5]))  # now streaming what it demoted
     r.close()
     ref.close()
+
+
+def test_compact_passes_return_the_top_k_of_the_full_logits(tmp_path):
+    """``forward(top_k=...)``: each row's best logits folded over the head's column blocks, the
+    same ids and values as the top-k of the full graph's logits (onnxruntime, no cache), for a
+    chain and for a tree; fewer full-logit rows planned; full logits never beyond them."""
+    from edgeinfer.runtime.offload import activation_bytes
+    from edgeinfer.runtime.verify import TopRows
+
+    spec = tiny_spec(layers=2)
+    full, shards = _build(tmp_path, spec, split="matrix")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(full))
+    r = runner(spec, shards, max_nodes=16, full_logits_nodes=3)
+    assert r.compact_logits and r.full_logits_nodes == 3 and len(r._head_parts) > 1
+    rows = r._parts["head.0"].rows[1] - r._parts["head.0"].rows[0]
+    assert r.plan.breakdown["activations"] == activation_bytes(spec, 16, 96, rows, full_rows=3)
+    assert activation_bytes(spec, 16, 96, rows, full_rows=3) < activation_bytes(spec, 16, 96, rows)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref = raw_logits(sess, spec, prompt)
+    top = r.forward(prompt, top_k=5)
+    assert isinstance(top, TopRows) and top.ids.shape == (len(prompt), 5)
+    want = np.argsort(-ref, axis=1, kind="stable")[:, :5]
+    np.testing.assert_allclose(top.values, np.take_along_axis(ref, want, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(ref, top.ids, 1), top.values, rtol=1e-4, atol=1e-4)
+    r.commit(np.arange(len(prompt)))
+    # a tree: node 0 and 1 children of the root, node 2 child of node 0
+    tree_tokens, parents = [7, 2, 8], [-1, -1, 0]
+    t = r.forward(tree_tokens, parents, top_k=5)
+    for node, path in ((0, [7]), (1, [2]), (2, [7, 8])):
+        row = raw_logits(sess, spec, prompt + path)[-1]
+        np.testing.assert_array_equal(t.ids[node], np.argsort(-row, kind="stable")[:5])
+    r.discard()
+    # full logits: a chain of more rows than planned runs as several passes, a tree cannot
+    whole = r.forward([5, 3, 5, 8])
+    np.testing.assert_allclose(whole, raw_logits(sess, spec, prompt + [5, 3, 5, 8])[-4:], rtol=1e-4, atol=1e-4)
+    r.discard()
+    with pytest.raises(ValueError, match="full_logits_nodes=3"):
+        r.forward([1, 2, 3, 4], [-1, 0, 0, 1])
+    r.close()
+
+
+def test_merge_top_keeps_the_best_and_breaks_ties_by_id():
+    from edgeinfer.runtime.verify import argmax_rows, merge_top
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(6, 50)).astype(np.float32)
+    full[0, [7, 30, 41]] = 9.0  # a three-way tie for the best: argmax takes the lowest id
+    best = None
+    for c0 in range(0, 50, 16):
+        best = merge_top(best, full[:, c0:c0 + 16], c0, 4)
+    vals, ids = best
+    order = np.lexsort((np.tile(np.arange(50), (6, 1)), -full), axis=-1)[:, :4]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(vals, np.take_along_axis(full, order, 1))
+    assert ids[0, 0] == 7 == int(np.argmax(full[0]))
+    from edgeinfer.runtime.verify import TopRows
+
+    np.testing.assert_array_equal(argmax_rows(TopRows(ids, vals, 50)), np.argmax(full, axis=1))

@@ -180,6 +180,11 @@ class EngineOptions:
     # largest tree a streamed pass is planned for, and the streamed engine's default tree budget
     # (depth max(8, n / 2)): a pass costs about the same for 8 or 25 nodes when layers stream
     offload_tree_nodes: int = 24
+    # a streamed target returns each node's top-k only when that is all a step reads (greedy;
+    # StreamingRunner.compact_logits), and full [rows, vocab] logits for sampling and the lossy
+    # rollback, whose trees are capped at this many nodes so that those logits stay small
+    # (SmolLM2: 0.2 MiB per row; a 49-node tree's full logits are 9.6 MiB)
+    offload_sampling_nodes: int = 8
 
     def __post_init__(self) -> None:
         o = "EngineOptions"
@@ -196,6 +201,7 @@ class EngineOptions:
         _int(o, "max_context", self.max_context, 2, allow_none=True)
         _int(o, "kv_block", self.kv_block, 1)
         _int(o, "offload_tree_nodes", self.offload_tree_nodes, 1)
+        _int(o, "offload_sampling_nodes", self.offload_sampling_nodes, 0)
         if self.memory_budget is not None:
             from .memory import parse_budget
 

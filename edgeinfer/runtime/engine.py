@@ -25,7 +25,7 @@ from .session import ModelRunner
 from .stats import GenerationStats, Trace, attach_drafter_trace, drafter_events
 from .tokenizer import StopMatcher, Tokenizer
 from .tree import TokenTree
-from .verify import VerifyResult, topk_rows, verify_greedy, verify_lossy, verify_sampling
+from .verify import DEFAULT_TOPK, VerifyResult, argmax_rows, topk_rows, verify_greedy, verify_lossy, verify_sampling
 
 Prompt = Any  # str | list of {"role", "content"} | list of token ids
 
@@ -311,15 +311,24 @@ class Engine:
 
             params, rng = SamplingParams.from_config(cfg), make_rng(cfg.seed)
 
+        # A runner that can return each row's top-k instead of its whole logits (a streamed
+        # target, StreamingRunner.compact_logits) does so whenever that is all the step reads:
+        # greedy verification and Token Recycling. Sampling and the lossy rollback read full rows,
+        # and such a runner holds them for only ``full_logits_nodes`` rows: their trees fit that.
+        full_only = params is not None or cfg.lossy_rollback
+        compact = {} if full_only or not getattr(runner, "compact_logits", False) else {
+            "top_k": max([DEFAULT_TOPK] + [int(getattr(d, "prompt_topk", 0) or 0) for d in self.drafters.values()])}
+        full_rows = getattr(runner, "full_logits_nodes", None) if full_only else None
+
         def target_step(context: list[int], tree: TokenTree) -> VerifyResult:
             """Root + tree in one target pass, acceptance, commit of root + accepted path. An
             empty tree is a plain decoding step."""
             t0 = now()
             root = context[-1]
             if len(tree):
-                logits = runner.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents])
+                logits = runner.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents], **compact)
             else:
-                logits = runner.forward([root])
+                logits = runner.forward([root], **compact)
             if cfg.lossy_rollback and len(tree):
                 result = verify_lossy(tree, logits, root, cfg.rollback_threshold)
             elif params is None:
@@ -343,25 +352,24 @@ class Engine:
         # ([128, vocab] float32, 25 MB for SmolLM2), and no larger than a streamed target's
         # planned pass
         learn_k = int(getattr(drafter, "prompt_topk", 0) or 0) if mode != "plain" else 0
-        chunk_size = (min(self.prefill_chunk, 128, getattr(runner, "max_nodes", 128)) if learn_k
-                      else self.prefill_chunk)
+        chunk_size = (min(self.prefill_chunk, 128, getattr(runner, "max_nodes", 128),
+                          full_rows or getattr(runner, "max_nodes", 128)) if learn_k else self.prefill_chunk)
         t0 = now()
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start:start + chunk_size]
             if learn_k:  # the rows of each distinct token's last position (later rows win anyway)
                 rows = sorted({t: i for i, t in enumerate(chunk)}.values())  # ends with len(chunk) - 1
-                logits = runner.forward(chunk, logits_index=rows)
+                logits = runner.forward(chunk, logits_index=rows, **compact)
                 drafter.observe_prompt([chunk[i] for i in rows], topk_rows(logits, learn_k))
                 logits = logits[-1:]
             else:
-                logits = runner.forward(chunk, logits_index=[len(chunk) - 1])
+                logits = runner.forward(chunk, logits_index=[len(chunk) - 1], **compact)
             runner.commit(np.arange(len(chunk)))
         t1 = now()
         trace.record("prefill", "target", t0, t1, len(ids))
         stats.prefill_seconds = t1 - t0
         stats.target_seconds += t1 - t0
-        row = logits[-1]
-        first = int(np.argmax(row)) if params is None else sample(process_logits(row, params), rng)
+        first = int(argmax_rows(logits)[-1]) if params is None else sample(process_logits(logits[-1], params), rng)
         context = list(ids) + [first]
         yield [first]
         produced = 1
@@ -428,7 +436,8 @@ class Engine:
                         policy.refresh()  # cost-aware: the latest measured costs (LLMCad: nothing)
                     budget = policy.budget() if policy is not None else cfg.tree
                     budget = dataclasses.replace(
-                        budget, max_nodes=min(budget.max_nodes, room), max_depth=min(budget.max_depth, depth_cap),
+                        budget, max_nodes=min(budget.max_nodes, room, (full_rows or room + 1) - 1),
+                        max_depth=min(budget.max_depth, depth_cap),
                         branch_threshold=1.0 if arm.mode == "chain" else budget.branch_threshold)
                     t0 = now()
                     if pipe is not None:  # propose, then verify on a worker while the draft speculates

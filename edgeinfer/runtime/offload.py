@@ -199,15 +199,21 @@ def kv_bytes(spec: ModelSpec, max_context: int, itemsize: int = 4) -> int:
     return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * max_context * itemsize
 
 
-def activation_bytes(spec: ModelSpec, max_nodes: int, max_context: int, head_rows: int) -> int:
+def activation_bytes(spec: ModelSpec, max_nodes: int, max_context: int, head_rows: int,
+                     full_rows: int | None = None) -> int:
     """A bound on per-pass buffers: masks, layer intermediates (counted twice: onnxruntime's
     temporaries), the logits and one head slice's output. Measured for SmolLM2 (49 nodes, 160
-    context, arena off): 18-19 MB at the peak of a pass, this gives 25.5 MB."""
+    context, arena off): 18-19 MB at the peak of a pass, this gives 25.5 MB. ``full_rows``: the
+    rows of full logits a pass may return when the others come back as their top-k only (a
+    compact pass: then per head slice also argpartition's int64 indices); None: all of them."""
     n, c = max_nodes, max_context + max_nodes
     masks = 2 * n * c * 4
     layer = n * 4 * (8 * spec.hidden_size + 3 * spec.num_heads * c + 5 * spec.intermediate_size
                      + (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim)
-    logits = n * spec.vocab_size * 4 + n * head_rows * 4
+    if full_rows is None:
+        logits = n * spec.vocab_size * 4 + n * head_rows * 4
+    else:
+        logits = min(full_rows, n) * spec.vocab_size * 4 + n * head_rows * (4 + 8)
     return masks + 2 * layer + logits
 
 

@@ -90,7 +90,8 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
-                             max_nodes=nodes, reserve=reserve, guard=True)
+                             max_nodes=nodes, reserve=reserve, guard=True,
+                             full_logits_nodes=min(nodes, opts.offload_sampling_nodes + 1))
     # without a draft model: Token Recycling and prompt lookup merged into one tree (measured at a
     # 128 MiB cap, 48 tokens: target passes 42 -> 32 on a chat prompt, 38 -> 25 on a code prompt
     # and the same on a story, against Token Recycling alone; each pass streams the target)

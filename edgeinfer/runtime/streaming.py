@@ -48,6 +48,7 @@ from .shard_graphs import (ALIGN, STANDARD_INPUTS, ShardGraph, head_matmul_graph
                            load_stream_index, row_gather_weight, split_head)
 from .shard_io import (RowReader, StreamPart, StreamRing, WeightReader, aligned_buffer, file_stamp,
                        tensor_views)
+from .verify import TopRows, merge_top
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class StreamingRunner(ModelRunner):
                  reserve: int = 0, priority: Sequence[str] | None = None, verify: str = "stat",
                  direct_io: bool = True, head_chunk_bytes: int | None = None, gather_cache_rows: int = 256,
                  kv_block: int = 64, baseline: int | None = None, prefetch: bool | None = None,
-                 guard: bool = False, name: str = "target") -> None:
+                 guard: bool = False, full_logits_nodes: int | None = None, name: str = "target") -> None:
         self.spec, self.name = spec, name
         self.max_context = int(max_context or min(spec.max_position, 4096))
         if len(shards.layers) != spec.num_layers:
@@ -160,10 +161,18 @@ class StreamingRunner(ModelRunner):
 
         self._load_graphs(shards, threads)
         parts, head_rows = self._make_parts(head_chunk_bytes)
+        # Compact passes (forward's top_k): a head cut into blocks of output columns without a
+        # tail can keep only each row's best logits, so the plan needs full [rows, vocab] logits
+        # for at most full_logits_nodes rows (sampling, lossy rollback) and top-k for the rest.
+        self.compact_logits = self._split is not None and self._split.layout == "nk" and self._split.tail is None
+        self.full_logits_nodes = (max_nodes if full_logits_nodes is None or not self.compact_logits
+                                  else max(1, min(full_logits_nodes, max_nodes)))
         gather_bytes = gather_cache_rows * self._row_bytes + max_nodes * (self._row_bytes + 2 * ALIGN)
         fixed = FixedCosts(baseline=(current_usage() if baseline is None else baseline) + reserve,
                            kv=kv_bytes(spec, self.max_context),
-                           activations=activation_bytes(spec, max_nodes, self.max_context, head_rows)
+                           activations=activation_bytes(
+                               spec, max_nodes, self.max_context, head_rows,
+                               full_rows=None if self.full_logits_nodes == max_nodes else self.full_logits_nodes)
                            + self._tail_bytes(max_nodes),
                            margin=safety_margin(self.budget.bytes))
         self.plan: OffloadPlan = plan_offload(parts, self.budget.bytes, fixed, priority, gather_bytes)
@@ -359,20 +368,26 @@ class StreamingRunner(ModelRunner):
 
     # -- the step ------------------------------------------------------------------------
     def forward(self, tokens: Sequence[int] | np.ndarray, parents: Sequence[int] | None = None,
-                logits_index: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """As ModelRunner.forward: logits float32 [m, vocab] for the nodes in ``logits_index``.
-        A chain longer than ``max_nodes`` (a long prefill) runs as several passes of at most
-        ``max_nodes`` nodes, so that no pass needs more memory than planned."""
+                logits_index: Sequence[int] | np.ndarray | None = None,
+                top_k: int | None = None) -> np.ndarray | TopRows:
+        """As ModelRunner.forward: logits float32 [m, vocab] for the nodes in ``logits_index``;
+        with ``top_k`` and ``compact_logits``, only each row's best ``top_k`` (verify.TopRows).
+        A chain longer than the plan allows (a long prefill: ``max_nodes`` nodes, or
+        ``full_logits_nodes`` rows of full logits) runs as several passes, so that no pass needs
+        more memory than planned; a tree must fit one pass."""
         t_start = time.perf_counter()
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         if n == 0:
             raise ValueError("StreamingRunner.forward: no tokens given")
-        if n > self.max_nodes:
+        compact = top_k is not None and self.compact_logits
+        rows = n if logits_index is None else np.asarray(logits_index).size
+        if n > self.max_nodes or (not compact and rows > self.full_logits_nodes):
             if parents is not None:
                 raise ValueError(f"StreamingRunner.forward: a tree of {n} nodes exceeds max_nodes="
-                                 f"{self.max_nodes} this runner was planned for")
-            return self._forward_chunked(ids[0], logits_index)
+                                 f"{self.max_nodes} (or, with full logits, full_logits_nodes="
+                                 f"{self.full_logits_nodes}) this runner was planned for")
+            return self._forward_chunked(ids[0], logits_index, top_k)
         s, L = self.num_scratch, self.cache.length
         self._check_room(L, s, n)
         self.cache.ensure(L + s + n)
@@ -397,7 +412,7 @@ class StreamingRunner(ModelRunner):
                             self.cache.values[i][:, :, L + s:L + s + n] = val
                         else:
                             _store(acts, name, val)
-            logits = self._forward_head(std, acts, std["logits_index"], st)
+            logits = self._forward_head(std, acts, std["logits_index"], st, top_k if compact else None)
         except BaseException:
             if self._ring is not None:
                 self._ring.restart()
@@ -460,18 +475,32 @@ class StreamingRunner(ModelRunner):
         ring.set_parts([self._parts[n] for n in streamed if not (n == "embed" and self._gather_w)])
         self._planned_loaded -= freed
 
-    def _forward_chunked(self, ids: np.ndarray, logits_index: Sequence[int] | np.ndarray | None) -> np.ndarray:
-        n, step = ids.size, self.max_nodes
+    def _forward_chunked(self, ids: np.ndarray, logits_index: Sequence[int] | np.ndarray | None,
+                         top_k: int | None) -> np.ndarray | TopRows:
+        n = ids.size
         want = np.arange(n) if logits_index is None else np.asarray(logits_index, np.int64).reshape(-1)
         if want.size == 0 or want.min() < 0 or want.max() >= n:
             raise ValueError(f"StreamingRunner.forward: logits_index {want.tolist()} not within [0, {n})")
-        rows: dict[int, np.ndarray] = {}
-        for c0 in range(0, n, step):
-            chunk = ids[c0:c0 + step]
+        # full logits: no more rows in one pass than the plan holds
+        step = self.max_nodes if top_k is not None and self.compact_logits else self.full_logits_nodes
+        rows: dict[int, Any] = {}
+        c0 = 0
+        while c0 < n:
+            chunk = ids[c0:c0 + self.max_nodes]
             sel = np.unique(want[(want >= c0) & (want < c0 + chunk.size)]) - c0
-            logits = self.forward(chunk, None, sel if sel.size else [chunk.size - 1])
-            rows.update((int(c0 + k), logits[j]) for j, k in enumerate(sel))
-        return np.stack([rows[int(k)] for k in want])
+            if sel.size > step:  # more rows of full logits than a pass may hold: end it at the last
+                sel = sel[:step]
+                chunk = chunk[:sel[-1] + 1]
+            out = self.forward(chunk, None, sel if sel.size else [chunk.size - 1], top_k=top_k)
+            if isinstance(out, TopRows):
+                rows.update((int(c0 + k), (out.ids[j], out.values[j])) for j, k in enumerate(sel))
+            else:
+                rows.update((int(c0 + k), out[j]) for j, k in enumerate(sel))
+            c0 += chunk.size
+        picked = [rows[int(k)] for k in want]
+        if picked and isinstance(picked[0], tuple):
+            return TopRows(np.stack([p[0] for p in picked]), np.stack([p[1] for p in picked]), self.spec.vocab_size)
+        return np.stack(picked)
 
     def _feeds(self, g: ShardGraph | ort.InferenceSession, std: dict[str, np.ndarray],
                acts: dict[str, np.ndarray], weights: dict[str, np.ndarray], pk: np.ndarray | None = None,
@@ -515,7 +544,7 @@ class StreamingRunner(ModelRunner):
             _store(acts, name, val)
 
     def _forward_head(self, std: dict[str, np.ndarray], acts: dict[str, np.ndarray], li: np.ndarray,
-                      st: dict[str, float]) -> np.ndarray:
+                      st: dict[str, float], top_k: int | None = None) -> np.ndarray | TopRows:
         m, vocab = li.size, self.spec.vocab_size
         if self._split is None:
             w = self._weights("head", st)
@@ -527,6 +556,15 @@ class StreamingRunner(ModelRunner):
         lead, K = a.shape[:-1], a.shape[-1]
         a2 = np.ascontiguousarray(a.reshape(-1, K), dtype=np.float32)  # [m, K]
         kn = self._split.layout == "kn"
+        if top_k is not None:  # compact: each block of output columns folded into the best top_k
+            best = None
+            for name in self._head_parts:
+                r0, _ = self._parts[name].rows
+                w = self._weights(name, st)[self._chunk_w]
+                block = self._run(self._head_mm, {"a": a2, "w": w}, st)[0]
+                self._release(name)
+                best = merge_top(best, block, r0, top_k)
+            return TopRows(best[1], best[0], vocab)
         y = np.zeros((a2.shape[0], vocab), dtype=np.float32)
         for name in self._head_parts:
             r0, r1 = self._parts[name].rows
