@@ -272,7 +272,8 @@ def run_one(method: str, cap: int, info: dict, a: argparse.Namespace, **extra) -
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--method", method,
            "--bundle", info["bundle"], "--gguf", info["gguf"], "--prompt", json.dumps(info["prompt"]),
            "--tokens", str(a.tokens), "--ctx", str(a.ctx), "--threads", str(a.threads),
-           "--nodes", str(extra.get("nodes", a.nodes)), "--depth", str(a.depth), "--ahead", str(a.ahead),
+           "--nodes", str(extra.get("nodes", a.nodes)), "--depth", str(extra.get("depth", a.depth)),
+           "--ahead", str(a.ahead),
            "--branch", str(a.branch), "--policy", a.policy,
            "--drafter", extra.get("drafter", "model")]
     if a.draft_threads is not None:
@@ -362,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                 why = r["error"]
                 print(f"  {ratio:g}x cap {cap // MiB} MiB tree  : the draft does not fit ({why}); "
                       f"{a.fallback_drafter} instead", flush=True)
-                r = run_one(method, cap, info, a, drafter=a.fallback_drafter, nodes=max(a.nodes, 48))
+                # trees as large as the streamed engine's default without a draft model
+                r = run_one(method, cap, info, a, drafter=a.fallback_drafter, nodes=max(a.nodes, 64),
+                            depth=max(a.depth, 16))
                 r["draft_refused"] = why
             r["ratio"] = ratio
             if method == "tree" and r.get("drafter", "model") == "model":

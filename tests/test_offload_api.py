@@ -55,6 +55,10 @@ def test_streamed_engine_defaults_and_resident_draft_settings(sharded):
     assert eng.runners["draft"].session.get_session_options().enable_cpu_mem_arena is False
     resident = edgeinfer.load(sharded)
     assert resident.runners["draft"].session.get_session_options().enable_cpu_mem_arena is True
+    # not given: 24-node trees beside a draft model, 64 for the training-free drafters alone
+    assert edgeinfer.load(sharded, memory_budget="2GB").defaults.tree.max_nodes == 24
+    free = edgeinfer.load(sharded, memory_budget="2GB", drafters=("recycle", "ngram"))
+    assert (free.defaults.tree.max_nodes, free.target.max_nodes) == (64, 65)
     r = eng.generate("the quick brown fox", max_new_tokens=12, mode="tree", drafter="model")
     assert r.stats.verifications > 0
     pol = make_policy(eng.defaults, eng.target, eng.drafters["model"])

@@ -23,6 +23,10 @@ from .tokenizer import Tokenizer
 # KV cache costs (2 * layers * kv_heads * head_dim * 4) bytes per token: SmolLM2 fp32 46 KB, so
 # a streamed target gets a modest default context unless the caller asks for more.
 DEFAULT_OFFLOAD_CONTEXT = 1024
+# EngineOptions.offload_tree_nodes when not given: a draft model's trees stop early by its
+# confidence; Token Recycling and prompt lookup fill whatever is planned, and with a pass
+# streaming the target their extra nodes are nearly free (see config.py)
+TREE_NODES_WITH_DRAFT, TREE_NODES_FREE = 24, 64
 
 
 def resident_draft_settings(settings: Any) -> Any:
@@ -53,7 +57,6 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     spec = target.spec
     trim_heap()  # what loading the tokenizer left behind, before anything is measured
     ctx = opts.max_context or min(spec.max_position, DEFAULT_OFFLOAD_CONTEXT)
-    nodes = opts.offload_tree_nodes + 1
     budget = resolve_budget(opts.memory_budget)
     shards = ShardPaths.from_manifest(root, target.shards)
     available: dict[str, Any] = {}
@@ -61,7 +64,10 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     reserve = 0
     draft_entry = manifest.models.get("draft")
     want_model = drafters is None or "model" in drafters
-    if draft_entry is not None and draft_entry.onnx and want_model:
+    model_draft = draft_entry is not None and bool(draft_entry.onnx) and want_model
+    tree_nodes = opts.offload_tree_nodes or (TREE_NODES_WITH_DRAFT if model_draft else TREE_NODES_FREE)
+    nodes = tree_nodes + 1
+    if model_draft:
         from .drafters.lookahead import make_lookahead
         from .drafters.model import ModelDrafter
 
@@ -100,7 +106,7 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     if defaults is None:  # trees as large as a pass is planned for: verifying is I/O-bound here
         from .config import TreeBudget
 
-        n = opts.offload_tree_nodes
+        n = tree_nodes
         defaults = GenerationConfig(tree=TreeBudget(max_nodes=n, max_depth=max(8, n // 2)))
     return Engine(runner, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=runners,
