@@ -27,6 +27,7 @@ DEFAULT_OFFLOAD_CONTEXT = 1024
 # confidence; Token Recycling and prompt lookup fill whatever is planned, and with a pass
 # streaming the target their extra nodes are nearly free (see config.py)
 TREE_NODES_WITH_DRAFT, TREE_NODES_FREE = 24, 64
+FREE_DRAFTER_GROWTH = 12 * 2**20  # see load_streaming_engine
 
 
 def resident_draft_settings(settings: Any) -> Any:
@@ -95,6 +96,14 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
+    if "model" not in available:
+        # Measured at a 128 MiB cap, training-free drafters and 48-64-node trees: the process
+        # holds 122-127 MiB after its passes where the plan expects ~112 (the heap's free chunks
+        # that loading trimmed, touched again; runtime/streaming.py _guard), and one run in
+        # five thrashed (the kernel evicting code pages: 2 s of compute a pass instead of
+        # 0.16). With a draft model the same runs stay under the plan. So this growth is
+        # planned for here, at the cost of ~3 resident target shards.
+        reserve += FREE_DRAFTER_GROWTH
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve, guard=True,
                              full_logits_nodes=min(nodes, opts.offload_sampling_nodes + 1))
