@@ -96,7 +96,7 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
-    if "model" not in available:
+    if "model" not in available and drafters != ():  # () = plain decoding (which stays under the plan)
         # Measured at a 128 MiB cap, training-free drafters and 48-64-node trees: the process
         # holds 122-127 MiB after its passes where the plan expects ~112 (the heap's free chunks
         # that loading trimmed, touched again; runtime/streaming.py _guard), and one run in
