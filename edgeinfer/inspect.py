@@ -150,7 +150,8 @@ def report_to_json(report: InspectReport) -> str:
         "models": [{
             "role": m.role, "arch": m.arch, "num_parameters": m.num_parameters,
             "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-            "quant": m.quant, "kv_layout": m.kv_layout, "shards": m.shards, "recycle_prior": m.recycle_prior, "bytes_on_disk": m.bytes_on_disk,
+            "quant": m.quant, "kv_layout": m.kv_layout, "shards": m.shards, "recycle_prior": m.recycle_prior,
+            "bytes_on_disk": m.bytes_on_disk,
             "files": m.files,
             "tensors": [{"name": t.name, "format": t.format, "shape": list(t.shape), "bytes": t.bytes}
                         for t in m.tensors],
