@@ -96,13 +96,14 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
     # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
     available["ngram"] = NgramDrafter()
     available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
-    if "model" not in available and drafters != ():  # () = plain decoding (which stays under the plan)
+    if "model" not in available:
         # Measured at a 128 MiB cap, training-free drafters and 48-64-node trees: the process
         # holds 122-127 MiB after its passes where the plan expects ~112 (the heap's free chunks
         # that loading trimmed, touched again; runtime/streaming.py _guard), and one run in
         # five thrashed (the kernel evicting code pages: 2 s of compute a pass instead of
-        # 0.16). With a draft model the same runs stay under the plan. So this growth is
-        # planned for here, at the cost of ~3 resident target shards.
+        # 0.16); plain streaming there held 118-125 MiB against ~117 planned and thrashed once
+        # in three (1.10 tok/s instead of 2-2.8). With a draft model the runs stay under the
+        # plan. So this growth is planned for here, at the cost of ~3 resident target shards.
         reserve += FREE_DRAFTER_GROWTH
     runner = StreamingRunner(shards, spec, budget.bytes, max_context=ctx, threads=target_threads,
                              max_nodes=nodes, reserve=reserve, guard=True,
