@@ -352,8 +352,8 @@ class Engine:
         # ([128, vocab] float32, 25 MB for SmolLM2), and no larger than a streamed target's
         # planned pass
         learn_k = int(getattr(drafter, "prompt_topk", 0) or 0) if mode != "plain" else 0
-        chunk_size = (min(self.prefill_chunk, 128, getattr(runner, "max_nodes", 128),
-                          full_rows or getattr(runner, "max_nodes", 128)) if learn_k else self.prefill_chunk)
+        chunk_size = (min(self.prefill_chunk, 128, getattr(runner, "max_nodes", 128), full_rows or 128)
+                      if learn_k else self.prefill_chunk)
         t0 = now()
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start:start + chunk_size]

@@ -73,8 +73,8 @@ class RecyclingDrafter:
         self.weights = tuple(float(w) for w in rank_weights[:k])
         # the prior (often a read-only memory map of the bundle's file) is kept to forget back to
         self.prior = None if prior is None else prior[:, :k]
-        self.adj = np.full((vocab_size, k), -1, dtype=np.int32)
-        self.forget()
+        self.adj = np.empty((vocab_size, k), dtype=np.int32)
+        self.forget()  # fills it: the prior, or -1 everywhere
         self.shape = static_shape(shape_nodes, shape_depth, self.weights)
 
     @property
