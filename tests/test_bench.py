@@ -36,15 +36,16 @@ def test_prompt_set_covers_the_four_kinds():
 
 def test_run_result_metrics_from_known_numbers():
     r = RunResult(tokens=list(range(11)), prompt_tokens=50, ttft_s=0.25, prefill_s=0.25,
-                  decode_s=0.5, steps=4, proposed=20, accepted=6)
+                  decode_s=0.5, steps=4, proposed=20, accepted=6, draft_forwards=12, draft_forward_s=0.4)
     assert r.decode_tps == pytest.approx(20.0)  # 10 tokens after the first in 0.5 s
+    assert r.draft_bound_tps == pytest.approx(25.0)  # 10 tokens per 0.4 s of draft forwards
     assert r.prefill_tps == pytest.approx(200.0)
     assert r.acceptance_rate == pytest.approx(0.3)
     assert r.mean_accepted_len == pytest.approx(2.5)
     back = RunResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back == r
     plain = RunResult(tokens=[5], prompt_tokens=3, ttft_s=0.1, prefill_s=0.1, decode_s=0.0)
-    assert plain.decode_tps is None and plain.acceptance_rate is None
+    assert plain.decode_tps is None and plain.acceptance_rate is None and plain.draft_bound_tps is None
 
 
 def test_agreement_stops_at_reference_eos():

@@ -79,6 +79,10 @@ def test_quick_json_has_every_field_with_sane_values(quick):
         else:
             assert s["acceptance_rate"]["median"] is None, name
             assert s["mean_accepted_len"]["median"] == pytest.approx(1.0), name
+        if name == "edgeinfer tree model":  # the draft's own forwards bound the decode rate
+            assert s["draft_bound_tps"]["median"] >= s["decode_tps"]["median"], name
+        else:  # no draft model ran
+            assert s["draft_bound_tps"]["median"] is None, name
         runs = [r for r in data["runs"] if r["method"] == name]
         assert sum(r["warmup"] for r in runs) == cfg.warmup
         assert sum(not r["warmup"] for r in runs) == cfg.repetitions * len(cfg.prompts)

@@ -212,6 +212,7 @@ def test_stream_tokens_and_positional_config(tiny):
 
 def test_stats_and_trace(tiny):
     eng = make_engine(tiny)
+    assert eng.runners["draft"].forward_calls == 0
     r = eng.generate(PROMPT, max_new_tokens=N, drafter="model", mode="tree")
     s = r.stats
     assert s.prompt_tokens == len(PROMPT) and s.generated_tokens == N
@@ -224,6 +225,20 @@ def test_stats_and_trace(tiny):
     assert s.trace[0].phase == "prefill"
     d = s.to_dict()
     assert "trace" not in d and d["acceptance_rate"] == s.acceptance_rate
+    # the draft model's forwards, counted by its runner, against the drafter's own trace of them
+    assert s.draft_forwards == sum(e.model == "draft" for e in s.trace) > 0
+    assert 0 < s.draft_forward_seconds <= s.draft_seconds  # inside the drafter's time (no pipeline)
+    assert s.draft_forwards_per_token == pytest.approx(s.draft_forwards / N)
+    assert s.draft_bound_tokens_per_s == pytest.approx((N - 1) / s.draft_forward_seconds)
+    assert s.draft_bound_tokens_per_s >= s.decode_tokens_per_s  # the draft alone takes less time
+    again = eng.generate(PROMPT, max_new_tokens=N, drafter="model", mode="tree").stats
+    plain = eng.generate(PROMPT, max_new_tokens=N, mode="plain").stats
+    assert plain.draft_forwards == 0 and plain.draft_bound_tokens_per_s == 0.0
+    ngram = eng.generate(PROMPT, max_new_tokens=N, drafter="ngram", mode="tree").stats
+    assert ngram.draft_forwards == 0
+    # per call, not cumulative: the calls' counts add up to the runner's total
+    assert again.draft_forwards > 0
+    assert eng.runners["draft"].forward_calls == s.draft_forwards + again.draft_forwards
 
 
 def test_sampling_seeded_and_distribution_matches_target(tiny):

@@ -30,7 +30,8 @@ class TokenClock:
             self.times.append(now)
 
     def result(self, prompt_tokens: int, n: int, steps: int | None = None,
-               proposed: int | None = None, accepted: int | None = None) -> RunResult:
+               proposed: int | None = None, accepted: int | None = None,
+               draft_forwards: int | None = None, draft_forward_s: float | None = None) -> RunResult:
         """The first ``n`` tokens as a RunResult; prefill time = TTFT for every method."""
         toks, times = self.tokens[:n], self.times[:n]
         if not toks:
@@ -39,7 +40,7 @@ class TokenClock:
         return RunResult(tokens=toks, prompt_tokens=prompt_tokens, ttft_s=ttft,
                          prefill_s=ttft,
                          decode_s=times[-1] - ttft, steps=steps, proposed=proposed,
-                         accepted=accepted)
+                         accepted=accepted, draft_forwards=draft_forwards, draft_forward_s=draft_forward_s)
 
 
 class Method:

@@ -140,6 +140,8 @@ class RunResult:
     steps: int | None = None
     proposed: int | None = None
     accepted: int | None = None
+    draft_forwards: int | None = None  # the draft model's forward passes (edgeinfer with a draft)
+    draft_forward_s: float | None = None  # and their time
 
     @property
     def decode_tps(self) -> float | None:
@@ -162,10 +164,20 @@ class RunResult:
             return None
         return (len(self.tokens) - 1) / self.steps
 
+    @property
+    def draft_bound_tps(self) -> float | None:
+        """Tokens after the first per second of draft forward passes: the most a decode whose
+        drafting is on the critical path can reach, however cheap its verification."""
+        n = len(self.tokens) - 1
+        if not self.draft_forwards or not self.draft_forward_s or n <= 0:
+            return None
+        return n / self.draft_forward_s
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(decode_tps=self.decode_tps, prefill_tps=self.prefill_tps,
-                 acceptance_rate=self.acceptance_rate, mean_accepted_len=self.mean_accepted_len)
+                 acceptance_rate=self.acceptance_rate, mean_accepted_len=self.mean_accepted_len,
+                 draft_bound_tps=self.draft_bound_tps)
         return d
 
     @classmethod
@@ -173,4 +185,5 @@ class RunResult:
         return cls(tokens=[int(t) for t in d["tokens"]], prompt_tokens=int(d["prompt_tokens"]),
                    ttft_s=float(d["ttft_s"]), prefill_s=float(d["prefill_s"]),
                    decode_s=float(d["decode_s"]), steps=d.get("steps"),
-                   proposed=d.get("proposed"), accepted=d.get("accepted"))
+                   proposed=d.get("proposed"), accepted=d.get("accepted"),
+                   draft_forwards=d.get("draft_forwards"), draft_forward_s=d.get("draft_forward_s"))

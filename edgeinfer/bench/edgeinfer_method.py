@@ -97,4 +97,6 @@ class EdgeinferMethod(Method):
         spec = self.opts["mode"] != "plain"
         return clock.result(len(prompt_ids), max_new_tokens, steps=max(batches - 1, 0) or None,
                             proposed=stats.drafted_tokens if spec else None,
-                            accepted=stats.accepted_tokens if spec else None)
+                            accepted=stats.accepted_tokens if spec else None,
+                            draft_forwards=stats.draft_forwards or None,
+                            draft_forward_s=stats.draft_forward_seconds or None)

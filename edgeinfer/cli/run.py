@@ -68,6 +68,10 @@ def format_stats(stats) -> str:
         lines.append(f"verifications {stats.verifications}, acceptance {stats.acceptance_rate:.0%}, "
                      f"mean accepted {stats.mean_accepted:.2f} per verification")
         lines.append(f"time: target {stats.target_seconds:.2f} s, drafting {stats.draft_seconds:.2f} s")
+    if stats.draft_forwards:
+        lines.append(f"draft model: {stats.draft_forwards} forward passes ({stats.draft_forwards_per_token:.2f} "
+                     f"per token, {stats.draft_forward_seconds / stats.draft_forwards * 1000:.1f} ms each); "
+                     f"alone they allow {stats.draft_bound_tokens_per_s:.1f} tok/s")
     if auto:
         rounds = ", ".join(f"{n} {k} rounds" for k, n in stats.auto_rounds.items())
         lines.append(f"auto mode: {rounds + ', ' if rounds else ''}{stats.auto_plain_steps} plain steps "

@@ -249,6 +249,8 @@ class Engine:
         stats = GenerationStats(mode=mode, drafters=names, prompt_tokens=len(ids))
         trace = Trace()
         dtrace = attach_drafter_trace(drafter)
+        drafts = [r for name, r in self.runners.items() if name != "target"]
+        forwards0 = [(r.forward_calls, r.forward_seconds) for r in drafts]
         detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
         stop = StopMatcher(cfg.stop)
         out: list[int] = []
@@ -290,6 +292,9 @@ class Engine:
             stats.generated_tokens = len(out)
             stats.decode_seconds = t_end - t_first if t_first is not None else 0.0
             stats.total_seconds = t_end - t_start
+            for r, (calls, secs) in zip(drafts, forwards0):
+                stats.draft_forwards += r.forward_calls - calls
+                stats.draft_forward_seconds += r.forward_seconds - secs
             for name, r in self.runners.items():
                 stats.providers[name] = r.provider
                 if r.report.skipped:

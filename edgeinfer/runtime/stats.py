@@ -56,6 +56,11 @@ class GenerationStats:
     drafted_tokens: int = 0  # tree nodes sent to verification
     accepted_tokens: int = 0  # drafted tokens the target accepted
     draft_seconds: float = 0.0  # drafters' propose + observe
+    # the draft model's forward passes in this call (its prompt catch-up included) and their
+    # time: with drafting on the critical path (no pipeline) decoding can never beat
+    # draft_bound_tokens_per_s, however cheap verification is
+    draft_forwards: int = 0
+    draft_forward_seconds: float = 0.0
     target_seconds: float = 0.0  # target forward passes (prefill + decode)
     # mode="auto": decoding steps the SpeculationGate ran plain (speculation measured slower)
     auto_plain_steps: int = 0
@@ -86,11 +91,24 @@ class GenerationStats:
         """Drafted tokens accepted per verification (the bonus token not counted)."""
         return self.accepted_tokens / self.verifications if self.verifications else 0.0
 
+    @property
+    def draft_forwards_per_token(self) -> float:
+        """Draft model forward passes per generated token (0 without a draft model)."""
+        return self.draft_forwards / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def draft_bound_tokens_per_s(self) -> float:
+        """Tokens after the first one per second of the draft model's forward passes: the
+        decode rate the draft alone allows (0 without a draft model)."""
+        n = self.generated_tokens - 1
+        return n / self.draft_forward_seconds if n > 0 and self.draft_forward_seconds > 0 else 0.0
+
     def to_dict(self, trace: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not trace:
             d.pop("trace")
-        for name in ("prefill_tokens_per_s", "decode_tokens_per_s", "acceptance_rate", "mean_accepted"):
+        for name in ("prefill_tokens_per_s", "decode_tokens_per_s", "acceptance_rate", "mean_accepted",
+                     "draft_forwards_per_token", "draft_bound_tokens_per_s"):
             d[name] = getattr(self, name)
         return d
 
