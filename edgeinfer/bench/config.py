@@ -166,8 +166,8 @@ class RunResult:
 
     @property
     def draft_bound_tps(self) -> float | None:
-        """Tokens after the first per second of draft forward passes: the most a decode whose
-        drafting is on the critical path can reach, however cheap its verification."""
+        """Tokens after the first per second of draft forward passes (they run one at a time
+        within the decode): the most the decode can reach, however cheap its verification."""
         n = len(self.tokens) - 1
         if not self.draft_forwards or not self.draft_forward_s or n <= 0:
             return None

@@ -57,7 +57,7 @@ class GenerationStats:
     accepted_tokens: int = 0  # drafted tokens the target accepted
     draft_seconds: float = 0.0  # drafters' propose + observe
     # the draft model's forward passes in this call (its prompt catch-up included) and their
-    # time: with drafting on the critical path (no pipeline) decoding can never beat
+    # time: they run one at a time within the decode, so decoding can never beat
     # draft_bound_tokens_per_s, however cheap verification is
     draft_forwards: int = 0
     draft_forward_seconds: float = 0.0
