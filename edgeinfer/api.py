@@ -85,12 +85,9 @@ def load(bundle_dir: str | os.PathLike, providers: Sequence[Any] | str | None = 
                             settings=_settings(opts, threads), kv_block=opts.kv_block, name="draft")
         draft_runners["draft"] = draft
         available["model"] = ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead))
-    from .runtime.drafters.ngram import NgramDrafter
-    from .runtime.drafters.recycle import RecyclingDrafter
-    from .runtime.recycle_prior import load_bundle_prior
+    from .runtime.drafters import training_free_drafters
 
-    available["ngram"] = NgramDrafter()
-    available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
+    available.update(training_free_drafters(root, manifest))
     default = tuple(drafters) if drafters is not None else (("model",) if "model" in available else ())
     return Engine(target, tokenizer, available, default_drafters=default, defaults=defaults,
                   eos_token_ids=manifest.eos_token_ids, draft_runners=draft_runners,

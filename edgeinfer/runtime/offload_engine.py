@@ -88,14 +88,11 @@ def load_streaming_engine(root: Path, manifest: Manifest, tokenizer: Tokenizer, 
         trim_heap()  # what session creation and pre-packing freed
         available["model"], runners["draft"] = (ModelDrafter(draft, lookahead=make_lookahead(opts.draft_lookahead)),
                                                 draft)
-    from .drafters.ngram import NgramDrafter
-    from .drafters.recycle import RecyclingDrafter
-    from .recycle_prior import load_bundle_prior
+    from .drafters import training_free_drafters
 
     # before the target is planned, so that its measured baseline holds them (Token Recycling's
     # table: vocab x 8 int32, 1.5 MiB for SmolLM2)
-    available["ngram"] = NgramDrafter()
-    available["recycle"] = RecyclingDrafter(spec.vocab_size, prior=load_bundle_prior(root, manifest))
+    available.update(training_free_drafters(root, manifest))
     if "model" not in available:
         # Measured at a 128 MiB cap, training-free drafters and 48-64-node trees: the process
         # holds 122-127 MiB after its passes where the plan expects ~112 (the heap's free chunks

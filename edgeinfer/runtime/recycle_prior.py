@@ -90,8 +90,12 @@ def write_prior(path: Path, table: np.ndarray) -> None:
     """Write ``table`` atomically (a temporary file in the same folder, then a rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    np.ascontiguousarray(table, dtype=PRIOR_DTYPE).tofile(tmp)
-    os.replace(tmp, path)
+    try:
+        np.ascontiguousarray(table, dtype=PRIOR_DTYPE).tofile(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written left behind
+        raise
 
 
 def load_prior(path: Path, vocab_size: int, k: int) -> np.ndarray:
